@@ -10,7 +10,9 @@ app = typer.Typer(help="Spectra: serve spectral (FourierFT / sDCTFT) adapters of
 
 
 @app.command()
-def serve(data_dir: str = typer.Option("./data", envvar="SPECTRA_DATA_DIR", help="Where models and adapters live.")) -> None:
+def serve(
+    data_dir: str = typer.Option("./data", envvar="SPECTRA_DATA_DIR", help="Where models and adapters live."),
+) -> None:
     """Start the server (arrives with the serving engine)."""
     typer.echo(f"spectra serve: the serving engine is not built yet (data dir {data_dir}).", err=True)
     sys.exit(2)

@@ -88,7 +88,9 @@ def _dct_entries(spectrum: ModuleSpectrum, norm: DctNorm) -> SpectralEntries:
     d_out, d_in = spectrum.shape
     rows, cols = spectrum.rows.long(), spectrum.cols.long()
     if norm == "backward":
-        factor = 1.0 / (dct_backward_scale(d_out, torch.device("cpu"))[rows] * dct_backward_scale(d_in, torch.device("cpu"))[cols])
+        factor = 1.0 / (
+            dct_backward_scale(d_out, torch.device("cpu"))[rows] * dct_backward_scale(d_in, torch.device("cpu"))[cols]
+        )
     else:
         factor = torch.ones(rows.numel())
     return SpectralEntries(

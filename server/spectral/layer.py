@@ -89,7 +89,8 @@ class RoutedSpectralLinear(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])
         if tokens.shape[0] != routing.token_count:
             raise RuntimeError(
-                f"{self.table.name}: routing has {routing.token_count} token slots but the layer got {tokens.shape[0]} tokens"
+                f"{self.table.name}: routing has {routing.token_count} token slots "
+                f"but the layer got {tokens.shape[0]} tokens"
             )
         delta = spectral_delta(tokens, self.table, routing)
         return out + delta.reshape(out.shape).to(out.dtype)

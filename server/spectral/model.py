@@ -41,7 +41,9 @@ def routable_modules(model: nn.Module, patterns: list[str] | None = None) -> dic
     return found
 
 
-def attach_routed_layers(model: nn.Module, bank: AdapterBank, patterns: list[str] | None = None) -> dict[str, tuple[int, int]]:
+def attach_routed_layers(
+    model: nn.Module, bank: AdapterBank, patterns: list[str] | None = None
+) -> dict[str, tuple[int, int]]:
     """Replace each routable layer by a :class:`RoutedSpectralLinear` and register it in ``bank``.
 
     Returns the routed modules' shapes: the base-model fingerprint adapters are checked against.

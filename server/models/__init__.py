@@ -1,0 +1,1 @@
+"""The embedded model family: byte-level tokenizer and tiny deterministic causal LMs."""
