@@ -2,20 +2,67 @@
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 app = typer.Typer(help="Spectra: serve spectral (FourierFT / sDCTFT) adapters of one frozen LLM.", no_args_is_help=True)
 
 
+def _parse_adapters(values: list[str]) -> dict[str, Path]:
+    adapters = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"expected NAME=PATH, got {value!r}", param_hint="--adapter")
+        adapters[name] = Path(path)
+    return adapters
+
+
 @app.command()
 def serve(
-    data_dir: str = typer.Option("./data", envvar="SPECTRA_DATA_DIR", help="Where models and adapters live."),
+    model: Annotated[str | None, typer.Option(envvar="SPECTRA_MODEL", help="HF model dir or hub id.")] = None,
+    data_dir: Annotated[Path, typer.Option(envvar="SPECTRA_DATA_DIR", help="Models, adapters, jobs.")] = Path("./data"),
+    host: Annotated[str, typer.Option(envvar="SPECTRA_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="SPECTRA_PORT")] = 8080,
+    dtype: Annotated[str, typer.Option(envvar="SPECTRA_DTYPE", help="auto|float32|bfloat16|float16")] = "auto",
+    device: Annotated[str, typer.Option(envvar="SPECTRA_DEVICE", help="auto|cpu|cuda")] = "auto",
+    max_batch_size: Annotated[int, typer.Option(envvar="SPECTRA_MAX_BATCH_SIZE")] = 32,
+    max_input_tokens: Annotated[int, typer.Option(envvar="SPECTRA_MAX_INPUT_TOKENS")] = 1024,
+    max_total_tokens: Annotated[int, typer.Option(envvar="SPECTRA_MAX_TOTAL_TOKENS")] = 2048,
+    max_queue: Annotated[int, typer.Option(envvar="SPECTRA_MAX_QUEUE")] = 256,
+    prefill_token_budget: Annotated[int, typer.Option(envvar="SPECTRA_PREFILL_TOKEN_BUDGET")] = 512,
+    served_model_name: Annotated[str | None, typer.Option(envvar="SPECTRA_SERVED_MODEL_NAME")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(envvar="SPECTRA_ADAPTERS", help="NAME=PATH, repeatable.")] = None,
+    log_level: Annotated[str, typer.Option(envvar="SPECTRA_LOG_LEVEL")] = "info",
 ) -> None:
-    """Start the server (arrives with the serving engine)."""
-    typer.echo(f"spectra serve: the serving engine is not built yet (data dir {data_dir}).", err=True)
-    sys.exit(2)
+    """Start the HTTP server."""
+    from pydantic import ValidationError
+
+    from server.main import serve as run_server
+    from server.settings import ServerSettings
+
+    try:
+        settings = ServerSettings(
+            model=model,
+            data_dir=data_dir,
+            host=host,
+            port=port,
+            dtype=dtype,
+            device=device,
+            max_batch_size=max_batch_size,
+            max_input_tokens=max_input_tokens,
+            max_total_tokens=max_total_tokens,
+            max_queue=max_queue,
+            prefill_token_budget=prefill_token_budget,
+            served_model_name=served_model_name,
+            adapters=_parse_adapters(adapter or []),
+            log_level=log_level,
+        )
+    except ValidationError as error:
+        raise typer.BadParameter(str(error)) from error
+    run_server(settings)
 
 
 @app.command()
@@ -24,3 +71,7 @@ def version() -> None:
     from importlib.metadata import version as installed_version
 
     typer.echo(installed_version("spectra-serve"))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Serving engine: model runner, continuous-batching scheduler and the generation loop."""

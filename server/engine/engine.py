@@ -1,0 +1,397 @@
+"""The generation loop: iteration-level continuous batching over mixed adapters.
+
+One engine thread owns the model. Each iteration it (1) drops cancelled rows, (2) prefills
+arrivals within a token budget, so a running batch waits for at most one budget of prefill
+work, and (3) runs one decode step for every running row. Rows join and leave the batch KV
+cache between iterations (see docs/engine.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from importlib.metadata import version as installed_version
+
+import torch
+from transformers import DynamicCache
+
+from server.engine import kv_cache
+from server.engine.adapters import AdapterLease, AdapterRegistry
+from server.engine.model_runner import ModelRunner, StepInputs
+from server.engine.sampling import sample_row
+from server.engine.types import (
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequestError,
+    QueueFullError,
+    TokenEvent,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch_size: int = 32
+    max_input_tokens: int = 1024
+    max_total_tokens: int = 2048
+    max_queue: int = 256
+    max_new_tokens_default: int = 64
+    prefill_token_budget: int = 512
+
+
+class RequestHandle:
+    """The API side of one request: an event stream fed by the engine thread."""
+
+    def __init__(self, request_id: str, prompt_tokens: int, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self._loop = loop
+        self._queue: asyncio.Queue[TokenEvent | FinishEvent] = asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def push(self, event: TokenEvent | FinishEvent) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    async def events(self) -> AsyncIterator[TokenEvent | FinishEvent]:
+        while True:
+            event = await self._queue.get()
+            yield event
+            if isinstance(event, FinishEvent):
+                return
+
+    async def result(self) -> FinishEvent:
+        async for event in self.events():
+            if isinstance(event, FinishEvent):
+                return event
+        raise RuntimeError("event stream ended without a finish event")
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    handle: RequestHandle
+    leases: list[tuple[AdapterLease, float]]
+    prompt: torch.Tensor
+    generator: torch.Generator | None
+    slots: list[int] = field(default_factory=list)
+    prefilled: int = 0
+    cache: DynamicCache | None = None
+    generated: list[int] = field(default_factory=list)
+    tokens: list[TokenEvent] = field(default_factory=list)
+    text: str = ""
+    admitted_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def weights(self) -> list[float]:
+        return [weight for _, weight in self.leases]
+
+    @property
+    def length(self) -> int:
+        return self.prompt.numel() + len(self.generated)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, registry: AdapterRegistry, limits: EngineLimits, model_name: str):
+        self.runner = runner
+        self.registry = registry
+        self.limits = limits
+        self.model_name = model_name
+        self.tokenizer = runner.tokenizer
+        self._waiting: deque[Sequence] = deque()
+        self._prefilling: list[Sequence] = []
+        self._running: list[Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="spectra-engine", daemon=True)
+        self._ready = False
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready = True
+
+    def stop(self) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        self._thread.join(timeout=30)
+        self._ready = False
+
+    def is_ready(self) -> bool:
+        return self._ready and self._thread.is_alive()
+
+    def adapter_ids(self) -> list[str]:
+        return self.registry.ids()
+
+    def info(self) -> dict:
+        return {
+            "model_id": self.model_name,
+            "model_path": self.runner.model_path,
+            "architecture": self.runner.architecture,
+            "dtype": str(self.runner.dtype).removeprefix("torch."),
+            "device": str(self.runner.device),
+            "limits": {
+                "max_batch_size": self.limits.max_batch_size,
+                "max_input_tokens": self.limits.max_input_tokens,
+                "max_total_tokens": self.limits.max_total_tokens,
+                "max_queue": self.limits.max_queue,
+                "prefill_token_budget": self.limits.prefill_token_budget,
+            },
+            "adapters": {"registered": len(self.registry.ids()), "resident": self.registry.resident_count()},
+            "running_requests": len(self._running) + len(self._prefilling),
+            "queued_requests": len(self._waiting),
+            "version": installed_version("spectra-serve"),
+        }
+
+    # -- submission (event-loop thread) -------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        self._validate(request)
+        leases: list[tuple[AdapterLease, float]] = []
+        try:
+            for adapter_id, weight in request.adapters.items():
+                leases.append((self.registry.lease(adapter_id), weight))
+        except Exception:
+            for lease, _ in leases:
+                lease.release()
+            raise
+        handle = RequestHandle(request.request_id, len(request.prompt_ids), asyncio.get_running_loop())
+        generator = None
+        if not request.params.greedy:
+            generator = torch.Generator().manual_seed(request.params.seed if request.params.seed is not None else 0)
+        sequence = Sequence(request, handle, leases, torch.tensor(request.prompt_ids, dtype=torch.long), generator)
+        with self._wakeup:
+            if len(self._waiting) >= self.limits.max_queue:
+                for lease, _ in leases:
+                    lease.release()
+                raise QueueFullError(f"the queue is full ({self.limits.max_queue} requests waiting); retry later")
+            self._waiting.append(sequence)
+            self._wakeup.notify()
+        return handle
+
+    def _validate(self, request: GenerationRequest) -> None:
+        prompt_tokens = len(request.prompt_ids)
+        if prompt_tokens == 0:
+            raise InvalidRequestError("the prompt is empty", param="inputs")
+        if prompt_tokens > self.limits.max_input_tokens:
+            raise InvalidRequestError(
+                f"the prompt has {prompt_tokens} tokens; the limit is {self.limits.max_input_tokens}", param="inputs"
+            )
+        allowed = self.limits.max_total_tokens - prompt_tokens
+        if request.params.max_new_tokens > allowed:
+            raise InvalidRequestError(
+                f"max_new_tokens must be <= {allowed} for this prompt ({prompt_tokens} prompt tokens, "
+                f"max_total_tokens {self.limits.max_total_tokens})",
+                param="max_new_tokens",
+            )
+        vocab = len(self.tokenizer)
+        if any(not 0 <= token < vocab for token in request.prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab - 1}]", param="inputs")
+
+    # -- the loop (engine thread) --------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                while not (self._stopping or self._waiting or self._prefilling or self._running):
+                    self._wakeup.wait()
+                if self._stopping:
+                    break
+            try:
+                self._step()
+            except Exception:
+                logger.exception("engine step failed; failing the batch")
+                self._fail_all()
+        self._fail_all()
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        if self._running:
+            self._decode()
+
+    def _admit(self) -> None:
+        with self._wakeup:
+            while self._waiting and len(self._running) + len(self._prefilling) < self.limits.max_batch_size:
+                sequence = self._waiting.popleft()
+                sequence.slots = [lease.slot() for lease, _ in sequence.leases]
+                self._prefilling.append(sequence)
+
+    def _drop_cancelled(self) -> None:
+        for sequence in [s for s in self._prefilling if s.handle.cancelled.is_set()]:
+            self._prefilling.remove(sequence)
+            self._finish(sequence, "cancelled")
+        with self._wakeup:
+            for sequence in [s for s in self._waiting if s.handle.cancelled.is_set()]:
+                self._waiting.remove(sequence)
+                self._finish(sequence, "cancelled")
+        keep = [i for i, s in enumerate(self._running) if not s.handle.cancelled.is_set()]
+        if len(keep) < len(self._running):
+            for sequence in [s for s in self._running if s.handle.cancelled.is_set()]:
+                self._finish(sequence, "cancelled")
+            self._keep_rows(keep)
+
+    def _routing(self, sequences: list[Sequence], columns: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token slots (and blend weights) ``[rows, columns, K]`` for the routing layer."""
+        width = max((len(s.slots) for s in sequences), default=1) or 1
+        slots = torch.zeros(len(sequences), width, dtype=torch.long)
+        weights = torch.zeros(len(sequences), width)
+        for row, sequence in enumerate(sequences):
+            slots[row, : len(sequence.slots)] = torch.tensor(sequence.slots, dtype=torch.long)
+            weights[row, : len(sequence.slots)] = torch.tensor(sequence.weights)
+        plain = width == 1 and bool(((weights == 1.0) | (slots == 0)).all())
+        slots = slots[:, None, :].expand(-1, columns, -1)
+        if plain:
+            return slots[..., 0], None
+        return slots, weights[:, None, :].expand(-1, columns, -1)
+
+    def _prefill(self) -> None:
+        budget = self.limits.prefill_token_budget
+        group: list[Sequence] = []
+        for sequence in list(self._prefilling):
+            remaining = sequence.prompt.numel() - sequence.prefilled
+            if sequence.prefilled == 0 and remaining <= budget:
+                group.append(sequence)
+                budget -= remaining
+            elif not group and budget == self.limits.prefill_token_budget:
+                self._prefill_chunk(sequence, budget)
+                return
+        if group:
+            self._prefill_group(group)
+
+    def _prefill_group(self, group: list[Sequence]) -> None:
+        """Prefill whole prompts together, left-padded, then sample each row's first token."""
+        length = max(s.prompt.numel() for s in group)
+        device = self.runner.device
+        input_ids = torch.full((len(group), length), self.runner.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(group), length, dtype=torch.long)
+        for row, sequence in enumerate(group):
+            input_ids[row, length - sequence.prompt.numel() :] = sequence.prompt
+            mask[row, length - sequence.prompt.numel() :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        slots, weights = self._routing(group, length)
+        cache = DynamicCache()
+        logits = self.runner.forward(
+            StepInputs(input_ids.to(device), mask.to(device), positions.to(device), slots, weights), cache
+        )
+        for sequence in group:
+            self._prefilling.remove(sequence)
+            sequence.prefilled = sequence.prompt.numel()
+        self._join(group, cache, mask.to(device), logits)
+
+    def _prefill_chunk(self, sequence: Sequence, budget: int) -> None:
+        """A prompt longer than the budget is prefilled alone, one budget-sized chunk per iteration."""
+        device = self.runner.device
+        start, end = sequence.prefilled, min(sequence.prompt.numel(), sequence.prefilled + budget)
+        if sequence.cache is None:
+            sequence.cache = DynamicCache()
+        chunk = sequence.prompt[start:end][None, :]
+        mask = torch.ones(1, end, dtype=torch.long, device=device)
+        positions = torch.arange(start, end)[None, :]
+        slots, weights = self._routing([sequence], end - start)
+        logits = self.runner.forward(
+            StepInputs(chunk.to(device), mask, positions.to(device), slots, weights), sequence.cache
+        )
+        sequence.prefilled = end
+        if end == sequence.prompt.numel():
+            self._prefilling.remove(sequence)
+            cache, sequence.cache = sequence.cache, None
+            self._join([sequence], cache, mask, logits)
+
+    def _join(self, sequences: list[Sequence], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        if self._cache is None or self._mask is None:
+            self._cache, self._mask = cache, mask
+        else:
+            self._cache, self._mask = kv_cache.concat(self._cache, self._mask, cache, mask)
+        self._running.extend(sequences)
+        self._emit(sequences, logits, first_row=len(self._running) - len(sequences))
+
+    def _decode(self) -> None:
+        assert self._cache is not None and self._mask is not None
+        device = self.runner.device
+        rows = len(self._running)
+        input_ids = torch.tensor([[s.generated[-1]] for s in self._running], dtype=torch.long, device=device)
+        positions = self._mask.sum(-1, keepdim=True)
+        self._mask = torch.cat([self._mask, torch.ones(rows, 1, dtype=self._mask.dtype, device=device)], dim=1)
+        slots, weights = self._routing(self._running, 1)
+        logits = self.runner.forward(StepInputs(input_ids, self._mask, positions, slots, weights), self._cache)
+        self._emit(self._running, logits, first_row=0)
+
+    def _emit(self, sequences: list[Sequence], logits: torch.Tensor, first_row: int) -> None:
+        """Sample one token per sequence, stream it, and retire finished rows from the batch."""
+        logits = logits.cpu()
+        finished: set[int] = set()
+        for offset, sequence in enumerate(sequences):
+            seen = torch.cat([sequence.prompt, torch.tensor(sequence.generated, dtype=torch.long)])
+            token, logprob = sample_row(logits[offset], sequence.request.params, seen, sequence.generator)
+            reason = self._append_token(sequence, token, logprob)
+            if reason is not None:
+                self._finish(sequence, reason)
+                finished.add(first_row + offset)
+        if finished:
+            self._keep_rows([i for i in range(len(self._running)) if i not in finished])
+
+    def _append_token(self, sequence: Sequence, token: int, logprob: float) -> FinishReason | None:
+        sequence.generated.append(token)
+        special = token in self.tokenizer.all_special_ids
+        if special:
+            text = self.tokenizer.decode([token])
+        else:
+            decoded = self.tokenizer.decode(sequence.generated, skip_special_tokens=True)
+            # Hold back a partial UTF-8 character until the bytes that complete it arrive.
+            text = "" if decoded.endswith("\ufffd") else decoded[len(sequence.text) :]
+            sequence.text += text
+        event = TokenEvent(token, text, logprob, special)
+        sequence.tokens.append(event)
+        sequence.handle.push(event)
+        params = sequence.request.params
+        if token in self.runner.eos_token_ids:
+            return "eos_token"
+        for stop in params.stop:
+            position = sequence.text.find(stop)
+            if position >= 0:
+                sequence.text = sequence.text[: position + len(stop)]
+                return "stop_sequence"
+        if len(sequence.generated) >= params.max_new_tokens:
+            return "length"
+        return None
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        self._running = [self._running[i] for i in keep]
+        if not self._running:
+            self._cache, self._mask = None, None
+            return
+        assert self._cache is not None and self._mask is not None
+        self._mask = kv_cache.select_rows(self._cache, self._mask, torch.tensor(keep, device=self._mask.device))
+
+    def _finish(self, sequence: Sequence, reason: FinishReason) -> None:
+        if reason != "cancelled":
+            final = self.tokenizer.decode(sequence.generated, skip_special_tokens=True)
+            if reason != "stop_sequence":
+                sequence.text = final
+        for lease, _ in sequence.leases:
+            lease.release()
+        sequence.leases = []
+        sequence.handle.push(
+            FinishEvent(
+                reason, sequence.text, sequence.prompt.numel(), tuple(sequence.tokens), sequence.request.params.seed
+            )
+        )
+
+    def _fail_all(self) -> None:
+        for sequence in [*self._running, *self._prefilling]:
+            self._finish(sequence, "cancelled")
+        self._running, self._prefilling = [], []
+        self._cache, self._mask = None, None

@@ -1,0 +1,92 @@
+"""The engine's public contract: what the API layer submits and what it gets back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled"]
+
+
+class EngineError(Exception):
+    """Base of the errors the engine raises before a request starts; ``status_code`` is the HTTP one."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(EngineError):
+    status_code = 422
+
+
+class UnknownAdapterError(EngineError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class QueueFullError(EngineError):
+    status_code = 429
+    error_type = "overloaded_error"
+
+    def __init__(self, message: str, *, retry_after_seconds: int = 1):
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class EngineNotReadyError(EngineError):
+    status_code = 503
+    error_type = "unavailable_error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings; defaults give greedy decoding."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """``adapters`` maps adapter ids to blend weights: ``{}`` is the base model, ``{"a": 1.0}`` one adapter."""
+
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapters: dict[str, float] = field(default_factory=dict)
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: FinishReason
+    text: str
+    prompt_tokens: int
+    tokens: tuple[TokenEvent, ...]
+    seed: int | None
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.tokens)
