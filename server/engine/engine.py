@@ -57,7 +57,11 @@ class RequestHandle:
         self.cancelled = threading.Event()
 
     def push(self, event: TokenEvent | FinishEvent) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:
+            # The submitting event loop is gone, so nobody can read this request any more.
+            self.cancelled.set()
 
     async def events(self) -> AsyncIterator[TokenEvent | FinishEvent]:
         while True:
@@ -237,11 +241,11 @@ class Engine:
             for sequence in [s for s in self._waiting if s.handle.cancelled.is_set()]:
                 self._waiting.remove(sequence)
                 self._finish(sequence, "cancelled")
-        keep = [i for i, s in enumerate(self._running) if not s.handle.cancelled.is_set()]
-        if len(keep) < len(self._running):
-            for sequence in [s for s in self._running if s.handle.cancelled.is_set()]:
+        cancelled = [s for s in self._running if s.handle.cancelled.is_set()]
+        if cancelled:
+            self._keep_rows([i for i, s in enumerate(self._running) if not s.handle.cancelled.is_set()])
+            for sequence in cancelled:
                 self._finish(sequence, "cancelled")
-            self._keep_rows(keep)
 
     def _routing(self, sequences: list[Sequence], columns: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token slots (and blend weights) ``[rows, columns, K]`` for the routing layer."""
@@ -332,16 +336,17 @@ class Engine:
     def _emit(self, sequences: list[Sequence], logits: torch.Tensor, first_row: int) -> None:
         """Sample one token per sequence, stream it, and retire finished rows from the batch."""
         logits = logits.cpu()
-        finished: set[int] = set()
+        finished: dict[int, tuple[Sequence, FinishReason]] = {}
         for offset, sequence in enumerate(sequences):
             seen = torch.cat([sequence.prompt, torch.tensor(sequence.generated, dtype=torch.long)])
             token, logprob = sample_row(logits[offset], sequence.request.params, seen, sequence.generator)
             reason = self._append_token(sequence, token, logprob)
             if reason is not None:
-                self._finish(sequence, reason)
-                finished.add(first_row + offset)
+                finished[first_row + offset] = (sequence, reason)
         if finished:
             self._keep_rows([i for i in range(len(self._running)) if i not in finished])
+            for sequence, reason in finished.values():
+                self._finish(sequence, reason)
 
     def _append_token(self, sequence: Sequence, token: int, logprob: float) -> FinishReason | None:
         sequence.generated.append(token)

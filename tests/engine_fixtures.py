@@ -1,0 +1,34 @@
+"""Build an in-process engine on a tiny model with random spectral adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from server.engine.adapters import AdapterRegistry
+from server.engine.engine import Engine, EngineLimits
+from server.engine.model_runner import ModelRunner
+from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
+from server.spectral.fourierft import peft_locations
+
+
+def random_adapter(
+    shapes: dict[str, tuple[int, int]], seed: int, *, method: str = "fourierft", n: int = 200, scaling: float = 300.0
+) -> SpectralAdapter:
+    """A FourierFT-style adapter on the q and v projections with coefficients ~ N(0, 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name, shape in shapes.items():
+        if not name.endswith(("q_proj", "v_proj", "c_attn")):
+            continue
+        count = min(n, shape[0] * shape[1])
+        rows, cols = peft_locations(seed, shape, count)
+        modules[name] = ModuleSpectrum(torch.randn(count, generator=generator), rows, cols, shape, scaling)
+    return SpectralAdapter(method, modules, norm="ortho", seed=seed if method == "fourierft" else None)  # type: ignore[arg-type]
+
+
+def make_engine(model_dir: Path, **limits: int) -> Engine:
+    runner = ModelRunner(model_dir, dtype="float32", device="cpu")
+    registry = AdapterRegistry(runner.bank, runner.module_shapes, runner.architecture)
+    return Engine(runner, registry, EngineLimits(**limits), "tiny")
