@@ -44,6 +44,7 @@ class EngineLimits:
     max_queue: int = 256
     max_new_tokens_default: int = 64
     prefill_token_budget: int = 512
+    max_blend_adapters: int = 8
 
 
 class RequestHandle:
@@ -120,6 +121,7 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="spectra-engine", daemon=True)
         self._ready = False
+        self._version = installed_version("spectra-serve")
 
     def start(self) -> None:
         self._thread.start()
@@ -155,7 +157,7 @@ class Engine:
             "adapters": {"registered": len(self.registry.ids()), "resident": self.registry.resident_count()},
             "running_requests": len(self._running) + len(self._prefilling),
             "queued_requests": len(self._waiting),
-            "version": installed_version("spectra-serve"),
+            "version": self._version,
         }
 
     # -- submission (event-loop thread) -------------------------------------------------------
@@ -198,6 +200,11 @@ class Engine:
                 f"max_new_tokens must be <= {allowed} for this prompt ({prompt_tokens} prompt tokens, "
                 f"max_total_tokens {self.limits.max_total_tokens})",
                 param="max_new_tokens",
+            )
+        if len(request.adapters) > self.limits.max_blend_adapters:
+            raise InvalidRequestError(
+                f"a blend may name at most {self.limits.max_blend_adapters} adapters, got {len(request.adapters)}",
+                param="adapters",
             )
         vocab = len(self.tokenizer)
         if any(not 0 <= token < vocab for token in request.prompt_ids):

@@ -1,0 +1,1 @@
+"""HTTP routes: TGI/LoRAX generation, the OpenAI-compatible API, health and info."""

@@ -1,0 +1,149 @@
+"""TGI / LoRAX generation: ``POST /generate``, ``POST /generate_stream`` and TGI's ``POST /`` (either mode).
+
+``huggingface_hub.InferenceClient(base_url).text_generation`` posts to the base URL itself with a
+top-level ``stream`` flag, which is why ``/`` exists. Text follows TGI: ``generated_text`` includes
+the stop sequence that ended generation, and token texts include special tokens such as eos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from server.api.deps import EngineDep
+from server.api.generation import (
+    check_finished,
+    client_closed_response,
+    default_max_new_tokens,
+    encode,
+    sampling_params,
+    sse_response,
+    submit,
+    wait_for_result,
+)
+from server.api.routes.responses import ERROR_RESPONSES
+from server.api.schemas.tgi import (
+    Details,
+    GenerateParameters,
+    GenerateRequest,
+    GenerateResponse,
+    StreamDetails,
+    StreamResponse,
+    Token,
+)
+from server.engine.engine import Engine, RequestHandle
+from server.engine.types import FinishEvent, SamplingParams, TokenEvent
+
+router = APIRouter(tags=["TGI / LoRAX"], responses=ERROR_RESPONSES)
+
+
+def _adapters(parameters: GenerateParameters) -> dict[str, float]:
+    if parameters.adapters is not None:
+        return dict(parameters.adapters)
+    return {parameters.adapter_id: 1.0} if parameters.adapter_id else {}
+
+
+def _sampling(parameters: GenerateParameters, engine: Engine, prompt_tokens: int) -> SamplingParams:
+    temperature = 1.0 if parameters.temperature is None else parameters.temperature
+    top_k = parameters.top_k or 0
+    top_p = 1.0 if parameters.top_p is None else parameters.top_p
+    max_new_tokens = parameters.max_new_tokens or default_max_new_tokens(engine, prompt_tokens)
+    return sampling_params(
+        max_new_tokens=max_new_tokens,
+        # TGI samples whenever a sampling warper is set, even without do_sample; clients rely on it.
+        do_sample=parameters.do_sample or temperature != 1.0 or top_k > 0 or top_p < 1.0,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=parameters.repetition_penalty or 1.0,
+        seed=parameters.seed,
+        stop=parameters.stop,
+    )
+
+
+async def _submit(body: GenerateRequest, engine: Engine) -> RequestHandle:
+    parameters = body.parameters
+    prompt_ids = await encode(engine, body.inputs)
+    param_names = {
+        "inputs": "inputs",
+        "max_new_tokens": "parameters.max_new_tokens",
+        "adapter_id": "parameters.adapters" if parameters.adapters is not None else "parameters.adapter_id",
+    }
+    return submit(
+        engine, prompt_ids, _sampling(parameters, engine, len(prompt_ids)), _adapters(parameters), param_names
+    )
+
+
+def _token(event: TokenEvent) -> Token:
+    return Token(id=event.token_id, text=event.text, logprob=event.logprob, special=event.special)
+
+
+def _response(body: GenerateRequest, finish: FinishEvent) -> GenerateResponse:
+    text = body.inputs + finish.text if body.parameters.return_full_text else finish.text
+    if not body.parameters.details:
+        return GenerateResponse(generated_text=text)
+    details = Details(
+        finish_reason=finish.reason,
+        generated_tokens=finish.generated_tokens,
+        seed=finish.seed,
+        tokens=[_token(event) for event in finish.tokens],
+    )
+    return GenerateResponse(generated_text=text, details=details)
+
+
+async def _stream_events(body: GenerateRequest, handle: RequestHandle) -> AsyncIterator[str]:
+    """TGI's last event is the last token plus ``generated_text`` and ``details``, so each token is held
+    until the next engine event says whether it was the last (the engine sends both in the same step)."""
+    pending: TokenEvent | None = None
+    index = 0  # TGI numbers events from 1
+    async for event in handle.events():
+        if isinstance(event, TokenEvent):
+            if pending is not None:
+                index += 1
+                yield StreamResponse(index=index, token=_token(pending)).model_dump_json()
+            pending = event
+            continue
+        finish = check_finished(event)
+        if pending is None:  # the engine always emits a token before finishing normally
+            raise RuntimeError(f"request {handle.request_id} finished without tokens")
+        details = StreamDetails(
+            finish_reason=finish.reason,
+            generated_tokens=finish.generated_tokens,
+            seed=finish.seed,
+            input_length=finish.prompt_tokens,
+        )
+        text = body.inputs + finish.text if body.parameters.return_full_text else finish.text
+        final = StreamResponse(index=index + 1, token=_token(pending), generated_text=text, details=details)
+        yield final.model_dump_json()
+
+
+@router.post("/generate", response_model=GenerateResponse)
+async def generate(body: GenerateRequest, request: Request, engine: EngineDep) -> GenerateResponse | JSONResponse:
+    handle = await _submit(body, engine)
+    finish = await wait_for_result(handle, request)
+    if finish is None:
+        return client_closed_response()
+    return _response(body, finish)
+
+
+@router.post(
+    "/generate_stream",
+    response_class=EventSourceResponse,
+    responses={200: {"description": "SSE: one `data: StreamResponse` event per generated token."}},
+)
+async def generate_stream(body: GenerateRequest, engine: EngineDep) -> EventSourceResponse:
+    # Submitting before the response starts makes a bad request an ordinary JSON error, not a stream event.
+    handle = await _submit(body, engine)
+    return sse_response(handle, _stream_events(body, handle))
+
+
+@router.post("/", response_model=GenerateResponse, summary="TGI compatibility route: generate or stream")
+async def compat_generate(
+    body: GenerateRequest, request: Request, engine: EngineDep
+) -> GenerateResponse | JSONResponse | EventSourceResponse:
+    if body.stream:
+        return await generate_stream(body, engine)
+    return await generate(body, request, engine)

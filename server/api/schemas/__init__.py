@@ -1,0 +1,1 @@
+"""Pydantic models of every request and response body, split by the API family they mimic."""
