@@ -195,3 +195,16 @@ def test_mixed_batch_rows_equal_rows_alone(model_fixture: str, request: pytest.F
         plain = model(input_ids[1:2]).logits
     assert (batched[1] - plain[0]).abs().max() <= 1e-4
     assert (batched[0] - batched[1]).abs().max() > 1e-3
+
+
+def test_routing_shares_base_weights_and_never_writes_them(tiny_llama_dir) -> None:
+    fresh = load_routed(tiny_llama_dir)
+    before = {name: (p.data_ptr(), p.detach().clone()) for name, p in fresh[0].named_parameters()}
+    model, bank, shapes = fresh
+    slot = bank.load(_adapter("fourierft", "backward", shapes, 50, 1))
+    with torch.no_grad(), bank.route(torch.full((1, 5), slot)):
+        model(torch.arange(5)[None])
+    for name, parameter in model.named_parameters():
+        pointer, values = before[name]
+        assert parameter.data_ptr() == pointer and torch.equal(parameter, values)
+        assert not parameter.requires_grad or "base_layer" not in name
