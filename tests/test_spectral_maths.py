@@ -52,6 +52,16 @@ def test_fourierft_delta_weight_matches_numpy_ifft2() -> None:
     assert np.abs(fourierft.delta_weight(spectrum).numpy() - expected).max() < 1e-6
 
 
+@pytest.mark.parametrize("shape", [(2048, 2048), (1024, 2048)])
+def test_fourierft_delta_weight_is_right_where_torch_ifft2_is_not(shape: tuple[int, int]) -> None:
+    spectrum = _random_spectrum(shape, 300)
+    dense = np.zeros(shape)
+    dense[spectrum.rows.numpy(), spectrum.cols.numpy()] = spectrum.coefficients.numpy()
+    expected = spectrum.scaling * np.fft.ifft2(dense).real
+    error = np.abs(fourierft.delta_weight(spectrum).numpy() - expected).max()
+    assert error <= 1e-5 * np.abs(expected).max()
+
+
 def test_peft_locations_follow_randperm_of_the_seed() -> None:
     rows, cols = fourierft.peft_locations(777, (32, 48), 100)
     flat = torch.randperm(32 * 48, generator=torch.Generator().manual_seed(777))[:100]

@@ -18,4 +18,7 @@ def delta_weight(spectrum: ModuleSpectrum) -> torch.Tensor:
     """Dense ``dW = scaling * Re(ifft2(S))`` of shape ``(d_out, d_in)`` in fp32."""
     dense = torch.zeros(spectrum.shape, dtype=torch.float32, device=spectrum.coefficients.device)
     dense[spectrum.rows, spectrum.cols] = spectrum.coefficients.float()
-    return torch.fft.ifft2(dense).real * spectrum.scaling
+    # Two 1-D inverse FFTs, not torch.fft.ifft2: torch 2.13's CPU ifft2 returns wrong values for a
+    # 2048x2048 fp32 input with 2 threads (tests/test_spectral_maths.py pins the shape).
+    rows_done = torch.fft.ifft(dense.to(torch.complex64), dim=1)
+    return torch.fft.ifft(rows_done, dim=0).real * spectrum.scaling

@@ -49,8 +49,8 @@ def spectral_delta(x: torch.Tensor, table: LayerTable, routing: Routing) -> torc
     """``dW x`` in fp32 for ``x`` of shape ``[tokens, d_in]``, each token with its routed slot(s).
 
     Per slot present: gather the entry tables of its location set and its coefficients into
-    weights ``[U, E]``; per token: gather its forward features at the entries' input indices,
-    multiply, scatter-add into output features, inverse transform.
+    weights ``[U, E]``; per row of tokens: gather the forward features at the entries' input
+    indices, multiply, scatter-add into output features; inverse transform.
     """
     d_out, d_in = table.shape
     locsets = table.slot_locset[routing.unique_slots]
@@ -59,17 +59,19 @@ def spectral_delta(x: torch.Tensor, table: LayerTable, routing: Routing) -> torc
         * _slot_coefficients(table, routing).gather(1, table.locset_coef[locsets])
         * table.slot_scale[routing.unique_slots][:, None]
     )
-    token_weights = entry_weights[routing.inverse]
+    row_weights = entry_weights[routing.inverse]
     if routing.weights is not None:
-        token_weights = token_weights * routing.weights[..., None]
-    in_index = table.locset_in[locsets][routing.inverse].flatten(1)
-    out_index = table.locset_out[locsets][routing.inverse].flatten(1)
+        row_weights = row_weights * routing.weights[..., None]
+    rows, per_row = routing.inverse.shape[0], routing.tokens_per_row
+    row_weights = row_weights.flatten(1)[:, None, :]
+    in_index = table.locset_in[locsets][routing.inverse].flatten(1)[:, None, :].expand(-1, per_row, -1)
+    out_index = table.locset_out[locsets][routing.inverse].flatten(1)[:, None, :].expand(-1, per_row, -1)
     layout_in, layout_out = FeatureLayout(d_in), FeatureLayout(d_out)
-    features = _forward_features(x.float(), layout_in, routing)
-    contributions = features.gather(1, in_index) * token_weights.flatten(1)
+    features = _forward_features(x.float(), layout_in, routing).view(rows, per_row, -1)
+    contributions = features.gather(2, in_index) * row_weights
     out_size = layout_out.size if routing.needs_dct else layout_out.dct_offset
-    spectrum = features.new_zeros(x.shape[0], out_size).scatter_add(1, out_index, contributions)
-    return _inverse_features(spectrum, layout_out, routing)
+    spectrum = features.new_zeros(rows, per_row, out_size).scatter_add(2, out_index, contributions)
+    return _inverse_features(spectrum.view(rows * per_row, out_size), layout_out, routing)
 
 
 class RoutedSpectralLinear(nn.Module):
