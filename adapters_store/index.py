@@ -1,0 +1,177 @@
+"""SQLite (WAL) index of adapter versions; the blob bytes live in :class:`BlobStore`."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapter_versions (
+    adapter_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    method TEXT NOT NULL,
+    n_params INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    source_format TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    metadata TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    broken TEXT,
+    PRIMARY KEY (adapter_id, version)
+);
+CREATE INDEX IF NOT EXISTS adapter_versions_sha ON adapter_versions (sha256);
+"""
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    adapter_id: str
+    version: int
+    sha256: str
+    method: str
+    n_params: int
+    size_bytes: int
+    source_format: str
+    base_model: str
+    description: str
+    metadata: dict[str, Any]
+    created_at: float
+    broken: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> AdapterRecord:
+        values = dict(row)
+        values["metadata"] = json.loads(values["metadata"])
+        return cls(**values)
+
+
+class AdapterIndex:
+    """Thread-safe: one connection guarded by a lock (writes are tiny; SQLite serialises them anyway)."""
+
+    def __init__(self, path: Path):
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add_version(
+        self,
+        adapter_id: str,
+        *,
+        sha256: str,
+        method: str,
+        n_params: int,
+        size_bytes: int,
+        source_format: str,
+        base_model: str,
+        description: str = "",
+        metadata: dict[str, Any] | None = None,
+    ) -> AdapterRecord:
+        """Commit the next version of ``adapter_id``; returns its record once durable."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT COALESCE(MAX(version), 0) + 1 FROM adapter_versions WHERE adapter_id = ?", (adapter_id,)
+                ).fetchone()
+                version = int(row[0])
+                self._db.execute(
+                    "INSERT INTO adapter_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                    (
+                        adapter_id,
+                        version,
+                        sha256,
+                        method,
+                        n_params,
+                        size_bytes,
+                        source_format,
+                        base_model,
+                        description,
+                        json.dumps(metadata or {}),
+                        time.time(),
+                    ),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return self._get_locked(adapter_id, version)  # type: ignore[return-value]
+
+    def _get_locked(self, adapter_id: str, version: int | None) -> AdapterRecord | None:
+        if version is None:
+            row = self._db.execute(
+                "SELECT * FROM adapter_versions WHERE adapter_id = ? ORDER BY version DESC LIMIT 1", (adapter_id,)
+            ).fetchone()
+        else:
+            row = self._db.execute(
+                "SELECT * FROM adapter_versions WHERE adapter_id = ? AND version = ?", (adapter_id, version)
+            ).fetchone()
+        return AdapterRecord.from_row(row) if row else None
+
+    def get(self, adapter_id: str, version: int | None = None) -> AdapterRecord | None:
+        """A version, or the latest one when ``version`` is None."""
+        with self._lock:
+            return self._get_locked(adapter_id, version)
+
+    def list_latest(self, *, prefix: str = "", after: str = "", limit: int = 100) -> list[AdapterRecord]:
+        """Latest version of each id starting with ``prefix``, ids after the cursor ``after``, in id order."""
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT v.* FROM adapter_versions v
+                   JOIN (SELECT adapter_id, MAX(version) AS version FROM adapter_versions
+                         WHERE adapter_id >= ? AND adapter_id > ? AND substr(adapter_id, 1, ?) = ?
+                         GROUP BY adapter_id ORDER BY adapter_id LIMIT ?) latest
+                   USING (adapter_id, version) ORDER BY v.adapter_id""",
+                (prefix, after, len(prefix), prefix, limit),
+            ).fetchall()
+        return [AdapterRecord.from_row(row) for row in rows]
+
+    def versions(self, adapter_id: str) -> list[AdapterRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM adapter_versions WHERE adapter_id = ? ORDER BY version", (adapter_id,)
+            ).fetchall()
+        return [AdapterRecord.from_row(row) for row in rows]
+
+    def delete(self, adapter_id: str, version: int | None = None) -> list[AdapterRecord]:
+        """Delete one version or all of them; returns what was deleted."""
+        with self._lock:
+            if version is None:
+                where, params = "adapter_id = ?", (adapter_id,)
+            else:
+                where, params = "adapter_id = ? AND version = ?", (adapter_id, version)
+            rows = self._db.execute(f"SELECT * FROM adapter_versions WHERE {where}", params).fetchall()
+            self._db.execute(f"DELETE FROM adapter_versions WHERE {where}", params)
+        return [AdapterRecord.from_row(row) for row in rows]
+
+    def sha_in_use(self, sha256: str) -> bool:
+        with self._lock:
+            return (
+                self._db.execute("SELECT 1 FROM adapter_versions WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone()
+                is not None
+            )
+
+    def all_records(self) -> list[AdapterRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM adapter_versions ORDER BY adapter_id, version").fetchall()
+        return [AdapterRecord.from_row(row) for row in rows]
+
+    def mark_broken(self, adapter_id: str, version: int, reason: str | None) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE adapter_versions SET broken = ? WHERE adapter_id = ? AND version = ?",
+                (reason, adapter_id, version),
+            )
