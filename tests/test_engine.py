@@ -148,3 +148,24 @@ def test_stop_sequence_and_queue_limit(tiny_llama_dir) -> None:
         asyncio.run(run())
     finally:
         engine.stop()
+
+
+def test_a_cancelled_waiting_request_gives_its_queue_place_back_at_once(tiny_llama_dir) -> None:
+    engine = make_engine(tiny_llama_dir, max_batch_size=1, max_queue=1)
+    engine.start()
+    try:
+
+        async def run() -> None:
+            prompt = engine.tokenizer.encode("abc")
+            running = engine.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=300)))
+            await anext(running.events())
+            waiting = engine.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=5)))
+            waiting.cancel()
+            replacement = engine.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=5)))
+            assert (await waiting.result()).reason == "cancelled"
+            running.cancel()
+            assert (await replacement.result()).reason in ("length", "eos_token")
+
+        asyncio.run(run())
+    finally:
+        engine.stop()

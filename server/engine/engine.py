@@ -179,6 +179,8 @@ class Engine:
         sequence = Sequence(request, handle, leases, torch.tensor(request.prompt_ids, dtype=torch.long), generator)
         with self._wakeup:
             if len(self._waiting) >= self.limits.max_queue:
+                self._drop_cancelled_waiting()
+            if len(self._waiting) >= self.limits.max_queue:
                 for lease, _ in leases:
                     lease.release()
                 raise QueueFullError(f"the queue is full ({self.limits.max_queue} requests waiting); retry later")
@@ -245,14 +247,18 @@ class Engine:
             self._prefilling.remove(sequence)
             self._finish(sequence, "cancelled")
         with self._wakeup:
-            for sequence in [s for s in self._waiting if s.handle.cancelled.is_set()]:
-                self._waiting.remove(sequence)
-                self._finish(sequence, "cancelled")
+            self._drop_cancelled_waiting()
         cancelled = [s for s in self._running if s.handle.cancelled.is_set()]
         if cancelled:
             self._keep_rows([i for i, s in enumerate(self._running) if not s.handle.cancelled.is_set()])
             for sequence in cancelled:
                 self._finish(sequence, "cancelled")
+
+    def _drop_cancelled_waiting(self) -> None:
+        """Free the queue places of cancelled requests (caller holds ``_wakeup``)."""
+        for sequence in [s for s in self._waiting if s.handle.cancelled.is_set()]:
+            self._waiting.remove(sequence)
+            self._finish(sequence, "cancelled")
 
     def _routing(self, sequences: list[Sequence], columns: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token slots (and blend weights) ``[rows, columns, K]`` for the routing layer."""
