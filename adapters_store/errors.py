@@ -21,3 +21,9 @@ class UnsupportedAdapterTypeError(AdapterFormatError):
 
 class BaseModelMismatchError(AdapterFormatError):
     """An adapter made for another base model (modules or shapes differ)."""
+
+
+class AdapterTooLargeError(AdapterFormatError):
+    """A file over ``--max-adapter-bytes``."""
+
+    status_code = 413

@@ -6,7 +6,10 @@ import re
 from dataclasses import dataclass
 
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-ID_RULE = "'name' or 'namespace/name', each part 1-64 characters of [A-Za-z0-9._-] starting with a letter or digit"
+ID_RULE = (
+    "'name' or 'namespace/name', each part 1-64 characters of [A-Za-z0-9._-] starting with a letter or digit, "
+    "and a namespaced name other than 'download'"
+)
 
 
 class InvalidAdapterIdError(ValueError):
@@ -24,7 +27,9 @@ class AdapterRef:
 
 def validate_adapter_id(adapter_id: str) -> str:
     parts = adapter_id.split("/")
-    if len(parts) > 2 or not all(_PART.fullmatch(part) for part in parts) or ".." in adapter_id:
+    # "ns/download" would be ambiguous with GET /v1/adapters/ns/download (the download of "ns").
+    reserved = len(parts) == 2 and parts[1] == "download"
+    if len(parts) > 2 or not all(_PART.fullmatch(part) for part in parts) or ".." in adapter_id or reserved:
         raise InvalidAdapterIdError(f"invalid adapter id {adapter_id!r}: expected {ID_RULE}")
     return adapter_id
 

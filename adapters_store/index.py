@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS adapter_versions (
     metadata TEXT NOT NULL DEFAULT '{}',
     created_at REAL NOT NULL,
     broken TEXT,
+    pinned INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (adapter_id, version)
 );
 CREATE INDEX IF NOT EXISTS adapter_versions_sha ON adapter_versions (sha256);
@@ -44,11 +45,13 @@ class AdapterRecord:
     metadata: dict[str, Any]
     created_at: float
     broken: str | None
+    pinned: bool
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> AdapterRecord:
         values = dict(row)
         values["metadata"] = json.loads(values["metadata"])
+        values["pinned"] = bool(values["pinned"])
         return cls(**values)
 
 
@@ -79,6 +82,7 @@ class AdapterIndex:
         base_model: str,
         description: str = "",
         metadata: dict[str, Any] | None = None,
+        pinned: bool = False,
     ) -> AdapterRecord:
         """Commit the next version of ``adapter_id``; returns its record once durable."""
         with self._lock:
@@ -89,7 +93,7 @@ class AdapterIndex:
                 ).fetchone()
                 version = int(row[0])
                 self._db.execute(
-                    "INSERT INTO adapter_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                    "INSERT INTO adapter_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
                     (
                         adapter_id,
                         version,
@@ -102,6 +106,7 @@ class AdapterIndex:
                         description,
                         json.dumps(metadata or {}),
                         time.time(),
+                        int(pinned),
                     ),
                 )
                 self._db.execute("COMMIT")
@@ -137,6 +142,25 @@ class AdapterIndex:
                    USING (adapter_id, version) ORDER BY v.adapter_id""",
                 (prefix, after, len(prefix), prefix, limit),
             ).fetchall()
+        return [AdapterRecord.from_row(row) for row in rows]
+
+    def latest_ids(self) -> list[str]:
+        """Ids whose latest version is servable (not broken), in id order."""
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT v.adapter_id FROM adapter_versions v
+                   JOIN (SELECT adapter_id, MAX(version) AS version FROM adapter_versions GROUP BY adapter_id) latest
+                   USING (adapter_id, version) WHERE v.broken IS NULL ORDER BY v.adapter_id"""
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def count_ids(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(DISTINCT adapter_id) FROM adapter_versions").fetchone()[0])
+
+    def pinned_records(self) -> list[AdapterRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM adapter_versions WHERE pinned = 1 ORDER BY adapter_id").fetchall()
         return [AdapterRecord.from_row(row) for row in rows]
 
     def versions(self, adapter_id: str) -> list[AdapterRecord]:

@@ -8,7 +8,9 @@ blob is missing or fails its sha256 as broken (listed with its reason, never ser
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,23 @@ class RecoveryReport:
     broken: list[tuple[str, int, str]]
 
 
+class StoreLockedError(RuntimeError):
+    """Another process has the store open; two writers would corrupt each other's recovery."""
+
+
 class AdapterStore:
     def __init__(self, root: Path):
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
+        self._lock_file = (root / ".lock").open("a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            self._lock_file.close()
+            raise StoreLockedError(f"the adapter store {root} is in use by another process") from error
+        # Orders "blob present, then row committed" against "row deleted, then blob removed" when two
+        # versions share one blob.
+        self._blob_lock = threading.Lock()
         self.blobs = BlobStore(root / "blobs")
         self.index = AdapterIndex(root / "index.sqlite3")
         self.recovery = self._recover()
@@ -71,28 +86,38 @@ class AdapterStore:
         base_model: str,
         description: str = "",
         metadata: dict[str, Any] | None = None,
+        pinned: bool = False,
     ) -> AdapterRecord:
-        """Store a validated adapter file as the next version of ``adapter_id``."""
+        """Store a validated adapter file as the next version of ``adapter_id``; durable when this returns."""
         validate_adapter_id(adapter_id)
         sha256 = self.blobs.put(data)
-        return self.index.add_version(
-            adapter_id,
-            sha256=sha256,
-            method=method,
-            n_params=n_params,
-            size_bytes=len(data),
-            source_format=source_format,
-            base_model=base_model,
-            description=description,
-            metadata=metadata,
-        )
+        with self._blob_lock:
+            if not self.blobs.path(sha256).exists():
+                self.blobs.put(data)
+            return self.index.add_version(
+                adapter_id,
+                sha256=sha256,
+                method=method,
+                n_params=n_params,
+                size_bytes=len(data),
+                source_format=source_format,
+                base_model=base_model,
+                description=description,
+                metadata=metadata,
+                pinned=pinned,
+            )
 
     def read(self, record: AdapterRecord) -> bytes:
         return self.blobs.get(record.sha256)
 
     def delete(self, adapter_id: str, version: int | None = None) -> list[AdapterRecord]:
-        deleted = self.index.delete(adapter_id, version)
-        for sha256 in {record.sha256 for record in deleted}:
-            if not self.index.sha_in_use(sha256):
-                self.blobs.remove(sha256)
+        with self._blob_lock:
+            deleted = self.index.delete(adapter_id, version)
+            for sha256 in {record.sha256 for record in deleted}:
+                if not self.index.sha_in_use(sha256):
+                    self.blobs.remove(sha256)
         return deleted
+
+    def close(self) -> None:
+        self.index.close()
+        self._lock_file.close()

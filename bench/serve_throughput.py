@@ -44,6 +44,7 @@ from transformers.utils import logging as hf_logging
 
 from adapters_store import native
 from adapters_store.peft_format import to_peft_dir
+from adapters_store.store import AdapterStore
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine, EngineLimits, RequestHandle
 from server.engine.model_runner import ModelRunner
@@ -200,12 +201,19 @@ async def engine_burst(engine: Engine, prompts: list[list[int]], adapters: list[
 
 
 def engine_scenarios(
-    runner: ModelRunner, adapters: list[SpectralAdapter], prompts: list[list[int]], args: argparse.Namespace
+    runner: ModelRunner,
+    adapters: list[SpectralAdapter],
+    prompts: list[list[int]],
+    work: Path,
+    args: argparse.Namespace,
 ) -> tuple[dict[str, Burst], dict]:
     # The engine has no min_new_tokens; with no eos ids every request runs to max_new_tokens, as PEFT's
     # min_new_tokens=max_new_tokens forces in (3), so all scenarios generate the same number of tokens.
     runner.eos_token_ids = set()
-    registry = AdapterRegistry(runner.bank, runner.module_shapes, runner.architecture)
+    store = AdapterStore(work / f"store-{Path(runner.model_path).name}")
+    registry = AdapterRegistry(
+        runner.bank, runner.module_shapes, runner.architecture, store, base_model=Path(runner.model_path).name
+    )
     for index, adapter in enumerate(adapters):
         registry.register(adapter_name(index), adapter)
     # All requests must fit in one batch: the burst is "everyone at once". The prefill budget stays the default.
@@ -487,7 +495,7 @@ def run_model(name: str, work: Path, args: argparse.Namespace) -> dict:
     assert all(len(prompt) == args.prompt_tokens for prompt in prompts), "prompts must have equal token counts"
     print(f"model {name}: {describe_model(model_dir)}", flush=True)
 
-    bursts, info = engine_scenarios(runner, adapters, prompts, args)
+    bursts, info = engine_scenarios(runner, adapters, prompts, work, args)
     # Free the engine's copy of the weights before PEFT loads its own.
     del runner
     gc.collect()

@@ -35,6 +35,15 @@ def serve(
     prefill_token_budget: Annotated[int, typer.Option(envvar="SPECTRA_PREFILL_TOKEN_BUDGET")] = 512,
     served_model_name: Annotated[str | None, typer.Option(envvar="SPECTRA_SERVED_MODEL_NAME")] = None,
     adapter: Annotated[list[str] | None, typer.Option(envvar="SPECTRA_ADAPTERS", help="NAME=PATH, repeatable.")] = None,
+    adapter_memory: Annotated[
+        str, typer.Option(envvar="SPECTRA_ADAPTER_MEMORY", help="Bank bytes for resident adapters, e.g. 3GiB.")
+    ] = "3GiB",
+    max_adapter_bytes: Annotated[
+        str, typer.Option(envvar="SPECTRA_MAX_ADAPTER_BYTES", help="Largest adapter file accepted, e.g. 64MiB.")
+    ] = "64MiB",
+    import_root: Annotated[
+        Path | None, typer.Option(envvar="SPECTRA_IMPORT_ROOT", help="Dir /v1/load_lora_adapter may read; unset=off.")
+    ] = None,
     log_level: Annotated[str, typer.Option(envvar="SPECTRA_LOG_LEVEL")] = "info",
 ) -> None:
     """Start the HTTP server."""
@@ -58,6 +67,9 @@ def serve(
             prefill_token_budget=prefill_token_budget,
             served_model_name=served_model_name,
             adapters=_parse_adapters(adapter or []),
+            adapter_memory=adapter_memory,
+            max_adapter_bytes=max_adapter_bytes,
+            import_root=import_root,
             log_level=log_level,
         )
     except ValidationError as error:

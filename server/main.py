@@ -2,37 +2,58 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import uvicorn
 
-from adapters_store import native
-from adapters_store.peft_format import CONFIG_NAME, from_peft_dir
+from adapters_store.store import AdapterStore
+from adapters_store.uploads import read_path
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine, EngineLimits
 from server.engine.model_runner import ModelRunner
 from server.models.embedded import DEFAULT_MODEL_NAME, ensure_default_model
 from server.settings import ServerSettings
-from server.spectral.adapter import SpectralAdapter
 
 logger = logging.getLogger("server")
 
 
-def read_adapter_path(path: Path, module_shapes: dict[str, tuple[int, int]]) -> SpectralAdapter:
-    """A PEFT FourierFT directory or a native ``.safetensors`` file."""
-    if path.is_dir() or path.name == CONFIG_NAME:
-        return from_peft_dir(path if path.is_dir() else path.parent, module_shapes)
-    return native.from_bytes(path.read_bytes())
+def store_startup_adapters(registry: AdapterRegistry, adapters: dict[str, Path], max_bytes: int) -> None:
+    """``--adapter NAME=PATH``: stored as a new version unless the latest version already has these bytes."""
+    for adapter_id, path in adapters.items():
+        parsed = read_path(path, registry.module_shapes, max_bytes)
+        latest = registry.store.index.get(adapter_id)
+        if (
+            latest is not None
+            and not latest.broken
+            and latest.sha256 == hashlib.sha256(parsed.native_bytes).hexdigest()
+        ):
+            continue
+        registry.register(
+            adapter_id,
+            parsed.adapter,
+            data=parsed.native_bytes,
+            source_format=parsed.source_format,
+            description=f"from {path}",
+        )
 
 
 def build_engine(settings: ServerSettings) -> Engine:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     model_path = settings.model or str(ensure_default_model(settings.data_dir))
     runner = ModelRunner(model_path, dtype=settings.dtype, device=settings.device)
-    registry = AdapterRegistry(runner.bank, runner.module_shapes, runner.architecture)
-    for adapter_id, path in settings.adapters.items():
-        registry.register(adapter_id, read_adapter_path(path, runner.module_shapes))
+    name = settings.served_model_name or (Path(model_path).name if settings.model else DEFAULT_MODEL_NAME)
+    registry = AdapterRegistry(
+        runner.bank,
+        runner.module_shapes,
+        runner.architecture,
+        AdapterStore(settings.data_dir / "adapters"),
+        base_model=name,
+        memory_budget_bytes=settings.adapter_memory,
+    )
+    store_startup_adapters(registry, settings.adapters, settings.max_adapter_bytes)
+    registry.load_pinned()
     limits = EngineLimits(
         max_batch_size=settings.max_batch_size,
         max_input_tokens=settings.max_input_tokens,
@@ -41,7 +62,6 @@ def build_engine(settings: ServerSettings) -> Engine:
         max_new_tokens_default=settings.max_new_tokens_default,
         prefill_token_budget=settings.prefill_token_budget,
     )
-    name = settings.served_model_name or (Path(model_path).name if settings.model else DEFAULT_MODEL_NAME)
     return Engine(runner, registry, limits, name)
 
 
@@ -53,6 +73,6 @@ def serve(settings: ServerSettings) -> None:
     try:
         from server.api.app import create_app
 
-        uvicorn.run(create_app(engine), host=settings.host, port=settings.port, log_level=settings.log_level)
+        uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port, log_level=settings.log_level)
     finally:
         engine.stop()

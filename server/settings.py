@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ByteSize, Field
 
 
 class ServerSettings(BaseModel):
@@ -22,5 +22,8 @@ class ServerSettings(BaseModel):
     max_queue: int = Field(256, ge=1)
     max_new_tokens_default: int = Field(64, ge=1)
     prefill_token_budget: int = Field(512, ge=1)
-    adapters: dict[str, Path] = Field(default_factory=dict)
+    adapters: dict[str, Path] = Field(default_factory=dict, description="NAME=PATH adapters stored at start")
+    adapter_memory: ByteSize = Field(ByteSize(3 << 30), description="bank bytes for resident adapters (LRU beyond)")
+    max_adapter_bytes: ByteSize = Field(ByteSize(64 << 20), description="largest adapter upload accepted")
+    import_root: Path | None = Field(None, description="directory /v1/load_lora_adapter may read from; None = off")
     log_level: str = "info"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from adapters_store.store import AdapterStore
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine, EngineLimits
 from server.engine.model_runner import ModelRunner
@@ -28,7 +29,15 @@ def random_adapter(
     return SpectralAdapter(method, modules, norm="ortho", seed=seed if method == "fourierft" else None)  # type: ignore[arg-type]
 
 
-def make_engine(model_dir: Path, **limits: int) -> Engine:
+def make_engine(model_dir: Path, store_dir: Path, *, adapter_memory: int = 1 << 30, **limits: int) -> Engine:
     runner = ModelRunner(model_dir, dtype="float32", device="cpu")
-    registry = AdapterRegistry(runner.bank, runner.module_shapes, runner.architecture)
+    store = AdapterStore(store_dir)
+    registry = AdapterRegistry(
+        runner.bank,
+        runner.module_shapes,
+        runner.architecture,
+        store,
+        base_model="tiny",
+        memory_budget_bytes=adapter_memory,
+    )
     return Engine(runner, registry, EngineLimits(**limits), "tiny")

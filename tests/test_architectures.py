@@ -46,7 +46,7 @@ def test_engine_greedy_equals_transformers_generate(architecture: str, tmp_path:
     for prompt in prompts:
         output = reference.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)
         expected.append(output[0, len(prompt) :].tolist())
-    engine = make_engine(model_dir)
+    engine = make_engine(model_dir, tmp_path / "store")
     engine.registry.register("a", random_adapter(engine.runner.module_shapes, 3))
     engine.start()
     try:

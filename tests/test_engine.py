@@ -15,8 +15,13 @@ PROMPTS = ["Hello there", "The spectral adapter", "a", "Once upon a time, in a l
 
 
 @pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_gpt2_dir"])
-def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
-    engine = make_engine(request.getfixturevalue(request.param), max_batch_size=32, prefill_token_budget=64)
+def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    engine = make_engine(
+        request.getfixturevalue(request.param),
+        tmp_path_factory.mktemp("store"),
+        max_batch_size=32,
+        prefill_token_budget=64,
+    )
     for index in range(32):
         method = "fourierft" if index % 2 == 0 else "sdctft"
         engine.registry.register(f"a{index}", random_adapter(engine.runner.module_shapes, 1000 + index, method=method))
@@ -124,8 +129,8 @@ def test_sampling_is_reproducible_for_a_seed(engine: Engine) -> None:
     asyncio.run(run())
 
 
-def test_stop_sequence_and_queue_limit(tiny_llama_dir) -> None:
-    engine = make_engine(tiny_llama_dir, max_batch_size=1, max_queue=1)
+def test_stop_sequence_and_queue_limit(tiny_llama_dir, tmp_path) -> None:
+    engine = make_engine(tiny_llama_dir, tmp_path, max_batch_size=1, max_queue=1)
     engine.start()
     try:
 
@@ -150,8 +155,8 @@ def test_stop_sequence_and_queue_limit(tiny_llama_dir) -> None:
         engine.stop()
 
 
-def test_a_cancelled_waiting_request_gives_its_queue_place_back_at_once(tiny_llama_dir) -> None:
-    engine = make_engine(tiny_llama_dir, max_batch_size=1, max_queue=1)
+def test_a_cancelled_waiting_request_gives_its_queue_place_back_at_once(tiny_llama_dir, tmp_path) -> None:
+    engine = make_engine(tiny_llama_dir, tmp_path, max_batch_size=1, max_queue=1)
     engine.start()
     try:
 

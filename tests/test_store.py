@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from adapters_store.ids import InvalidAdapterIdError, parse_ref, validate_adapter_id
-from adapters_store.store import AdapterStore
+from adapters_store.store import AdapterStore, StoreLockedError
 
 
 def _put(store: AdapterStore, adapter_id: str, data: bytes):
@@ -84,7 +84,7 @@ def test_recovery_removes_orphans_and_temp_files_and_marks_broken_rows(tmp_path:
     data[10] ^= 0x01
     path.write_bytes(bytes(data))
     store.blobs.path(missing.sha256).unlink()
-    store.index.close()
+    store.close()
 
     reopened = AdapterStore(tmp_path)
     report = reopened.recovery
@@ -98,3 +98,17 @@ def test_recovery_removes_orphans_and_temp_files_and_marks_broken_rows(tmp_path:
     assert reopened.index.get("kept").broken is None
     assert reopened.index.get("kept").sha256 == kept.sha256
     assert reopened.read(reopened.index.get("kept")) == b"k" * 100
+
+
+def test_a_store_cannot_be_opened_twice_at_once(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    with pytest.raises(StoreLockedError, match="in use by another process"):
+        AdapterStore(tmp_path)
+    store.close()
+    AdapterStore(tmp_path).close()
+
+
+def test_a_namespaced_download_name_is_reserved() -> None:
+    validate_adapter_id("download")
+    with pytest.raises(InvalidAdapterIdError, match="other than 'download'"):
+        validate_adapter_id("team/download")

@@ -7,10 +7,16 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.engine.engine import Engine
+from server.settings import ServerSettings
 
 
 def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
+def get_settings(request: Request) -> ServerSettings:
+    return request.app.state.settings
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
+SettingsDep = Annotated[ServerSettings, Depends(get_settings)]

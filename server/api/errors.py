@@ -16,8 +16,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapters_store.errors import AdapterFormatError
+from adapters_store.ids import InvalidAdapterIdError
 from server.api.schemas.common import ErrorBody, ErrorResponse
-from server.engine.types import EngineError, QueueFullError
+from server.engine.types import EngineError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ def error_response(
 
 
 def engine_error_response(exc: EngineError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after_seconds)} if isinstance(exc, QueueFullError) else None
+    retry_after = getattr(exc, "retry_after_seconds", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return error_response(exc.message, exc.status_code, error_type=exc.error_type, param=exc.param, headers=headers)
 
 
@@ -81,6 +84,15 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
 async def _engine_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, EngineError)
     return engine_error_response(exc)
+
+
+async def _adapter_file_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AdapterFormatError)
+    return error_response(exc.message, exc.status_code, param="file")
+
+
+async def _adapter_id_error(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(str(exc), 422, param="adapter_id")
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -127,6 +139,8 @@ class CatchAllMiddleware:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(EngineError, _engine_error)
+    app.add_exception_handler(AdapterFormatError, _adapter_file_error)
+    app.add_exception_handler(InvalidAdapterIdError, _adapter_id_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(CatchAllMiddleware)

@@ -1,33 +1,79 @@
-"""Servable adapters by id, and leases that keep a version resident while requests use it.
+"""Servable adapters: the durable store behind them, leases on versions, and bank residency.
 
-A request resolves its adapter ids once, at submit, to leases on specific versions; replacing
-or deleting an id later never changes what an in-flight request runs. A version's bank slot is
-loaded lazily by the engine thread (first use) and unloaded when it is both replaced and no
-longer leased.
+The store (``adapters_store``) is the truth for which ids and versions exist. A request
+resolves each adapter reference (``id`` = latest, ``id@N`` = version N) once, at submit, to a
+lease on one immutable version; replacing or deleting the id later never changes what an
+in-flight request runs.
+
+Residency: a version's coefficients enter the bank on first use (or at upload when pinned)
+and stay while they fit in ``memory_budget_bytes``; to make room the least recently used
+versions that are neither leased nor pinned are unloaded. Admission keeps the bytes of leased
+and pinned versions within the budget, so a load never has to evict a version in use.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
 
+from adapters_store import native
+from adapters_store.blobs import BlobCorruptError
+from adapters_store.ids import InvalidAdapterIdError, parse_ref, validate_adapter_id
+from adapters_store.index import AdapterRecord
+from adapters_store.store import AdapterStore
 from adapters_store.validation import validate_adapter
-from server.engine.types import UnknownAdapterError
+from server.engine.types import EngineError, UnknownAdapterError
 from server.spectral.adapter import SpectralAdapter
 from server.spectral.bank import AdapterBank
 
 logger = logging.getLogger(__name__)
 
+COEFFICIENT_BYTES = 4  # the bank keeps coefficients in fp32 whatever the file's dtype
+
+
+class AdapterBrokenError(EngineError):
+    status_code = 409
+    error_type = "adapter_broken_error"
+
+
+class AdapterMemoryFullError(EngineError):
+    """More distinct adapters are in use (leased or pinned) than ``--adapter-memory`` holds."""
+
+    status_code = 429
+    error_type = "overloaded_error"
+    retry_after_seconds = 1
+
+
+class InvalidAdapterRefError(EngineError):
+    status_code = 422
+
+
+def resident_cost(adapter: SpectralAdapter) -> int:
+    """Bank bytes charged to one resident adapter: its coefficients in fp32 (location sets are shared)."""
+    return COEFFICIENT_BYTES * adapter.n_params
+
 
 @dataclass(eq=False)
 class AdapterVersion:
     adapter_id: str
+    version: int
     adapter: SpectralAdapter
+    cost: int
     slot: int | None = None
     leases: int = 0
-    retired: bool = False
-    extra: dict = field(default_factory=dict)
+    pinned: bool = False
+    deleted: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.adapter_id, self.version)
+
+    @property
+    def held(self) -> bool:
+        return self.leases > 0 or self.pinned
 
 
 class AdapterLease:
@@ -39,7 +85,7 @@ class AdapterLease:
         self._released = False
 
     def slot(self) -> int:
-        """The version's bank slot, loading it on first use (engine thread only)."""
+        """The version's bank slot, loading it on first use (engine thread, or an upload that pins)."""
         return self._registry.ensure_loaded(self.version)
 
     def release(self) -> None:
@@ -49,67 +95,259 @@ class AdapterLease:
 
 
 class AdapterRegistry:
-    def __init__(self, bank: AdapterBank, module_shapes: dict[str, tuple[int, int]], architecture: str | None):
+    def __init__(
+        self,
+        bank: AdapterBank,
+        module_shapes: dict[str, tuple[int, int]],
+        architecture: str | None,
+        store: AdapterStore,
+        *,
+        base_model: str,
+        memory_budget_bytes: int = 3 << 30,
+    ):
         self.bank = bank
         self.module_shapes = module_shapes
         self.architecture = architecture
+        self.store = store
+        self.base_model = base_model
+        self.memory_budget_bytes = memory_budget_bytes
         self._lock = threading.Lock()
-        self._current: dict[str, AdapterVersion] = {}
+        self._load_lock = threading.Lock()
+        self._versions: dict[tuple[str, int], AdapterVersion] = {}
+        self._resident: OrderedDict[tuple[str, int], AdapterVersion] = OrderedDict()
+        self._resident_bytes = 0
+        self._held_bytes = 0
+        self.loads = 0
+        self.evictions = 0
+
+    # -- catalogue ---------------------------------------------------------------------------
 
     def ids(self) -> list[str]:
-        with self._lock:
-            return sorted(self._current)
+        """Every servable id (its latest version is not broken), in id order."""
+        return self.store.index.latest_ids()
+
+    def count(self) -> int:
+        return self.store.index.count_ids()
 
     def resident_count(self) -> int:
-        return self.bank.resident_slots
+        return len(self._resident)
 
-    def register(self, adapter_id: str, adapter: SpectralAdapter) -> None:
-        """Validate against the served model and make ``adapter`` what ``adapter_id`` means from now on."""
+    @property
+    def resident_bytes(self) -> int:
+        return self._resident_bytes
+
+    def register(
+        self,
+        adapter_id: str,
+        adapter: SpectralAdapter,
+        *,
+        data: bytes | None = None,
+        source_format: str = "native",
+        description: str = "",
+        metadata: dict[str, Any] | None = None,
+        pin: bool = False,
+    ) -> AdapterRecord:
+        """Validate ``adapter`` against the served model and store it as the next version of ``adapter_id``.
+
+        ``data`` is the native file to keep (the uploaded bytes); without it the adapter is serialised.
+        Servable by the next request once this returns.
+        """
+        validate_adapter_id(adapter_id)
         validate_adapter(adapter, self.module_shapes, base_architecture=self.architecture)
-        with self._lock:
-            previous = self._current.get(adapter_id)
-            self._current[adapter_id] = AdapterVersion(adapter_id, adapter)
-        if previous is not None:
-            self._retire(previous)
-        logger.info("adapter registered id=%s method=%s params=%d", adapter_id, adapter.method, adapter.n_params)
+        cost = resident_cost(adapter)
+        if pin and cost > self.memory_budget_bytes:
+            raise AdapterMemoryFullError(
+                f"the adapter needs {cost} bytes of adapter memory; --adapter-memory is {self.memory_budget_bytes}"
+            )
+        record = self.store.put(
+            adapter_id,
+            data if data is not None else native.to_bytes(adapter),
+            method=adapter.method,
+            n_params=adapter.n_params,
+            source_format=source_format,
+            base_model=self.base_model,
+            description=description,
+            metadata=metadata,
+            pinned=pin,
+        )
+        logger.info(
+            "adapter stored id=%s version=%d method=%s params=%d bytes=%d pinned=%s",
+            record.adapter_id,
+            record.version,
+            record.method,
+            record.n_params,
+            record.size_bytes,
+            pin,
+        )
+        if pin:
+            self.pin(record, adapter)
+        return record
 
-    def unregister(self, adapter_id: str) -> bool:
-        with self._lock:
-            previous = self._current.pop(adapter_id, None)
-        if previous is not None:
-            self._retire(previous)
-        return previous is not None
+    def pin(self, record: AdapterRecord, adapter: SpectralAdapter | None = None) -> None:
+        """Load ``record`` now and keep it resident until it is deleted."""
+        version = self._hold(record, adapter, pin=True)
+        self.ensure_loaded(version)
 
-    def lease(self, adapter_id: str) -> AdapterLease:
+    def load_pinned(self) -> int:
+        """At start: make every pinned, intact version resident again."""
+        pinned = [record for record in self.store.index.pinned_records() if not record.broken]
+        for record in pinned:
+            try:
+                self.pin(record)
+            except EngineError as error:
+                logger.error("pinned adapter not loaded id=%s version=%d: %s", record.adapter_id, record.version, error)
+        return len(pinned)
+
+    def delete(self, ref: str) -> list[AdapterRecord]:
+        """Delete ``id`` (all versions) or ``id@N``; in-flight requests finish on what they leased."""
+        parsed = self._parse(ref)
+        deleted = self.store.delete(parsed.adapter_id, parsed.version)
+        retired = []
         with self._lock:
-            version = self._current.get(adapter_id)
-            if version is None:
-                raise UnknownAdapterError(f"adapter {adapter_id!r} not found", param="adapter_id")
+            for record in deleted:
+                version = self._versions.get((record.adapter_id, record.version))
+                if version is None:
+                    continue
+                version.deleted = True
+                if version.pinned:
+                    version.pinned = False
+                    if not version.leases:
+                        self._held_bytes -= version.cost
+                if not version.held:
+                    retired.append(self._forget_locked(version))
+        self._unload_slots(retired)
+        return deleted
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def lease(self, ref: str) -> AdapterLease:
+        parsed = self._parse(ref)
+        record = self.store.index.get(parsed.adapter_id, parsed.version)
+        if record is None:
+            raise UnknownAdapterError(f"adapter {ref!r} not found", param="adapter_id")
+        if record.broken:
+            raise AdapterBrokenError(
+                f"adapter {record.adapter_id}@{record.version} is broken ({record.broken}); upload it again",
+                param="adapter_id",
+            )
+        return AdapterLease(self, self._hold(record, None, pin=False))
+
+    def _hold(self, record: AdapterRecord, adapter: SpectralAdapter | None, *, pin: bool) -> AdapterVersion:
+        key = (record.adapter_id, record.version)
+        with self._lock:
+            version = self._versions.get(key)
+            if version is not None and self._take_locked(version, pin):
+                return version
+        if version is None:
+            version = AdapterVersion(record.adapter_id, record.version, adapter or self._read(record), 0)
+            version.cost = resident_cost(version.adapter)
+        with self._lock:
+            version = self._versions.setdefault(key, version)
+            if not self._take_locked(version, pin):
+                self._forget_if_idle_locked(version)
+                raise AdapterMemoryFullError(
+                    f"adapter memory is full: {self._held_bytes} of {self.memory_budget_bytes} bytes are held by "
+                    f"adapters in use or pinned; retry later, or raise --adapter-memory"
+                )
+            return version
+
+    def _take_locked(self, version: AdapterVersion, pin: bool) -> bool:
+        """Add a lease (or the pin) to ``version`` if the held bytes stay within the budget."""
+        if not version.held and self._held_bytes + version.cost > self.memory_budget_bytes:
+            return False
+        if not version.held:
+            self._held_bytes += version.cost
+        if pin:
+            version.pinned = True
+        else:
             version.leases += 1
-        return AdapterLease(self, version)
+        return True
 
-    def ensure_loaded(self, version: AdapterVersion) -> int:
-        with self._lock:
-            if version.slot is None:
-                version.slot = self.bank.load(version.adapter)
-                logger.info("adapter loaded id=%s slot=%d", version.adapter_id, version.slot)
-            return version.slot
+    def read_bytes(self, record: AdapterRecord) -> bytes:
+        """The stored file of ``record``, checked against its sha256; a failed check marks it broken."""
+        try:
+            return self.store.read(record)
+        except (BlobCorruptError, FileNotFoundError) as error:
+            reason = str(error) if isinstance(error, BlobCorruptError) else f"blob {record.sha256} is missing"
+            self.store.index.mark_broken(record.adapter_id, record.version, reason)
+            logger.error("adapter broken id=%s version=%d reason=%s", record.adapter_id, record.version, reason)
+            raise AdapterBrokenError(
+                f"adapter {record.adapter_id}@{record.version} is broken ({reason}); upload it again",
+                param="adapter_id",
+            ) from error
+
+    def _read(self, record: AdapterRecord) -> SpectralAdapter:
+        return native.from_bytes(self.read_bytes(record))
 
     def release(self, version: AdapterVersion) -> None:
+        retired = []
         with self._lock:
             version.leases -= 1
-            unload = version.retired and version.leases == 0 and version.slot is not None
-        if unload:
-            self._unload(version)
+            if not version.held:
+                self._held_bytes -= version.cost
+                if version.deleted:
+                    retired.append(self._forget_locked(version))
+                else:
+                    self._forget_if_idle_locked(version)
+        self._unload_slots(retired)
 
-    def _retire(self, version: AdapterVersion) -> None:
-        with self._lock:
-            version.retired = True
-            unload = version.leases == 0 and version.slot is not None
-        if unload:
-            self._unload(version)
+    # -- residency ---------------------------------------------------------------------------
 
-    def _unload(self, version: AdapterVersion) -> None:
+    def ensure_loaded(self, version: AdapterVersion) -> int:
+        with self._load_lock:
+            with self._lock:
+                if version.slot is not None:
+                    self._resident.move_to_end(version.key)
+                    return version.slot
+                victims = self._evict_for_locked(version.cost)
+            self._unload_slots(victims)
+            slot = self.bank.load(version.adapter)
+            with self._lock:
+                version.slot = slot
+                self._resident[version.key] = version
+                self._resident_bytes += version.cost
+                self.loads += 1
+                deleted_meanwhile = version.deleted and not version.held
+                if deleted_meanwhile:
+                    self._forget_locked(version)
+            if deleted_meanwhile:
+                self.bank.unload(slot)
+        logger.info("adapter loaded id=%s version=%d slot=%d", version.adapter_id, version.version, slot)
+        return slot
+
+    def _evict_for_locked(self, cost: int) -> list[int]:
+        victims = []
+        for version in list(self._resident.values()):
+            if self._resident_bytes + cost <= self.memory_budget_bytes:
+                break
+            if not version.held:
+                victims.append(self._forget_locked(version))
+                self.evictions += 1
+                logger.info("adapter evicted id=%s version=%d", version.adapter_id, version.version)
+        return victims
+
+    def _forget_if_idle_locked(self, version: AdapterVersion) -> None:
+        """Drop the parsed copy of a version that is neither leased, pinned nor resident."""
+        if not version.held and version.slot is None:
+            self._versions.pop(version.key, None)
+
+    def _forget_locked(self, version: AdapterVersion) -> int | None:
+        """Remove ``version`` from the registry; returns the slot the caller must unload (outside the lock)."""
+        self._versions.pop(version.key, None)
         slot, version.slot = version.slot, None
         if slot is not None:
-            self.bank.unload(slot)
+            del self._resident[version.key]
+            self._resident_bytes -= version.cost
+        return slot
+
+    def _unload_slots(self, slots: list[int | None]) -> None:
+        for slot in slots:
+            if slot is not None:
+                self.bank.unload(slot)
+
+    @staticmethod
+    def _parse(ref: str):
+        try:
+            return parse_ref(ref)
+        except InvalidAdapterIdError as error:
+            raise InvalidAdapterRefError(str(error), param="adapter_id") from error

@@ -154,7 +154,12 @@ class Engine:
                 "max_queue": self.limits.max_queue,
                 "prefill_token_budget": self.limits.prefill_token_budget,
             },
-            "adapters": {"registered": len(self.registry.ids()), "resident": self.registry.resident_count()},
+            "adapters": {
+                "registered": self.registry.count(),
+                "resident": self.registry.resident_count(),
+                "resident_bytes": self.registry.resident_bytes,
+                "memory_budget_bytes": self.registry.memory_budget_bytes,
+            },
             "running_requests": len(self._running) + len(self._prefilling),
             "queued_requests": len(self._waiting),
             "version": self._version,

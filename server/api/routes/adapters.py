@@ -1,0 +1,166 @@
+"""The adapter store over HTTP: upload, list, show, download and delete (``/v1/adapters``).
+
+An upload is validated against the served model before anything is written, stored durably
+(blob fsynced, index row committed), and servable by the next request; nothing restarts or
+pauses. Ids with a namespace contain a slash, so the id routes take the rest of the path.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from adapters_store import native
+from adapters_store.errors import AdapterFormatError, AdapterTooLargeError
+from adapters_store.ids import parse_ref, validate_adapter_id
+from adapters_store.index import AdapterRecord
+from adapters_store.uploads import ParsedAdapter, base_name, parse_files, peft_zip
+from server.api.deps import EngineDep, SettingsDep
+from server.api.schemas.adapters import AdapterDeleted, AdapterDetail, AdapterList, AdapterObject
+from server.api.schemas.common import ErrorResponse
+from server.engine.adapters import AdapterRegistry, InvalidAdapterRefError
+from server.engine.types import UnknownAdapterError
+
+router = APIRouter(prefix="/v1/adapters", tags=["Adapters"])
+
+MAX_DESCRIPTION_CHARS = 4096
+MAX_METADATA_BYTES = 64 * 1024
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        404: "No such adapter or version.",
+        409: "The stored file failed its checksum (broken); upload it again.",
+        413: "A file over --max-adapter-bytes.",
+        415: "A PEFT adapter of another type (only FOURIERFT is served).",
+        422: "Invalid id, file or field; the message says which and why.",
+        429: "Adapter memory is full of adapters in use (pin only).",
+    }.items()
+}
+
+
+def _metadata(text: str) -> dict[str, Any]:
+    if len(text.encode()) > MAX_METADATA_BYTES:
+        raise AdapterFormatError(f"metadata is over {MAX_METADATA_BYTES} bytes")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise AdapterFormatError(f"metadata is not valid JSON ({error.msg} at char {error.pos})") from error
+    if not isinstance(value, dict):
+        raise AdapterFormatError("metadata must be a JSON object")
+    return value
+
+
+async def _read_files(uploads: list[UploadFile], max_bytes: int) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    for upload in uploads:
+        name = base_name(upload.filename or "")
+        if not name:
+            raise AdapterFormatError("every file part needs a file name (e.g. adapter.safetensors)")
+        if name in files:
+            raise AdapterFormatError(f"file {name!r} was sent twice")
+        if upload.size is not None and upload.size > max_bytes:
+            raise AdapterTooLargeError(f"{name} is {upload.size} bytes; the limit is {max_bytes}")
+        files[name] = await upload.read()
+    return files
+
+
+def _record(registry: AdapterRegistry, ref: str) -> AdapterRecord:
+    try:
+        parsed = parse_ref(ref)
+    except ValueError as error:
+        raise InvalidAdapterRefError(str(error), param="adapter_id") from error
+    record = registry.store.index.get(parsed.adapter_id, parsed.version)
+    if record is None:
+        raise UnknownAdapterError(f"adapter {ref!r} not found", param="adapter_id")
+    return record
+
+
+@router.post("", status_code=201, response_model=AdapterObject, responses=_ERRORS)
+async def upload_adapter(
+    engine: EngineDep,
+    settings: SettingsDep,
+    adapter_id: Annotated[str, Form(description="'name' or 'namespace/name'; an existing id gets a new version.")],
+    file: Annotated[
+        list[UploadFile],
+        File(description="One native .safetensors file, or adapter_config.json + adapter_model.safetensors."),
+    ],
+    description: Annotated[str, Form(max_length=MAX_DESCRIPTION_CHARS)] = "",
+    metadata: Annotated[str, Form(description="A JSON object kept with the version.")] = "{}",
+    pin: Annotated[bool, Form(description="Load now and never evict.")] = False,
+) -> AdapterObject:
+    validate_adapter_id(adapter_id)
+    metadata_object = _metadata(metadata)
+    files = await _read_files(file, settings.max_adapter_bytes)
+    registry = engine.registry
+
+    def store() -> AdapterRecord:
+        parsed: ParsedAdapter = parse_files(files, registry.module_shapes)
+        return registry.register(
+            adapter_id,
+            parsed.adapter,
+            data=parsed.native_bytes,
+            source_format=parsed.source_format,
+            description=description,
+            metadata=metadata_object,
+            pin=pin,
+        )
+
+    return AdapterObject.of(await run_in_threadpool(store))
+
+
+@router.get("", response_model=AdapterList)
+async def list_adapters(
+    engine: EngineDep,
+    prefix: Annotated[str, Query(max_length=130, description="Only ids starting with this.")] = "",
+    after: Annotated[str, Query(max_length=130, description="The last_id of the previous page.")] = "",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> AdapterList:
+    records = await run_in_threadpool(
+        engine.registry.store.index.list_latest, prefix=prefix, after=after, limit=limit + 1
+    )
+    page = [AdapterObject.of(record) for record in records[:limit]]
+    return AdapterList(
+        data=page,
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+        has_more=len(records) > limit,
+    )
+
+
+@router.get("/{adapter_ref:path}/download", response_class=Response, responses=_ERRORS)
+async def download_adapter(
+    engine: EngineDep,
+    adapter_ref: str,
+    format: Annotated[Literal["native", "peft"], Query(description="native .safetensors or a PEFT zip")] = "native",
+) -> Response:
+    registry = engine.registry
+    record = _record(registry, adapter_ref)
+    data = await run_in_threadpool(registry.read_bytes, record)
+    stem = f"{record.adapter_id.replace('/', '--')}-v{record.version}"
+    if format == "native":
+        filename, media_type = f"{stem}.safetensors", "application/octet-stream"
+    else:
+        data = await run_in_threadpool(lambda: peft_zip(native.from_bytes(data), record.base_model))
+        filename, media_type = f"{stem}-peft.zip", "application/zip"
+    headers = {"Content-Disposition": f'attachment; filename="{filename}"', "X-Adapter-Sha256": record.sha256}
+    return Response(data, media_type=media_type, headers=headers)
+
+
+@router.get("/{adapter_ref:path}", response_model=AdapterDetail, responses=_ERRORS)
+async def show_adapter(engine: EngineDep, adapter_ref: str) -> AdapterDetail:
+    registry = engine.registry
+    record = _record(registry, adapter_ref)
+    versions = [AdapterObject.of(version) for version in registry.store.index.versions(record.adapter_id)]
+    return AdapterDetail(**AdapterObject.of(record).model_dump(), versions=versions)
+
+
+@router.delete("/{adapter_ref:path}", response_model=AdapterDeleted, responses=_ERRORS)
+async def delete_adapter(engine: EngineDep, adapter_ref: str) -> AdapterDeleted:
+    deleted = await run_in_threadpool(engine.registry.delete, adapter_ref)
+    if not deleted:
+        raise UnknownAdapterError(f"adapter {adapter_ref!r} not found", param="adapter_id")
+    return AdapterDeleted(id=deleted[0].adapter_id, versions=[record.version for record in deleted])

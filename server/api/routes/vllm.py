@@ -1,0 +1,71 @@
+"""vLLM's runtime adapter endpoints: ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``.
+
+Loading reads a PEFT FourierFT directory or native file from the server's own disk, so it is
+confined to ``--import-root`` (off when unset). The adapter goes through the same validation and
+durable store as an upload; unloading deletes the id (all versions). Replies are plain text, as
+vLLM's are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from adapters_store.uploads import read_path
+from server.api.deps import EngineDep, SettingsDep
+from server.api.errors import error_response
+from server.api.schemas.adapters import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
+from server.api.schemas.common import ErrorResponse
+from server.engine.types import UnknownAdapterError
+
+router = APIRouter(prefix="/v1", tags=["vLLM runtime adapters"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    403: {"model": ErrorResponse, "description": "lora_path is outside --import-root, or no import root is set."},
+    404: {"model": ErrorResponse, "description": "lora_path or lora_name does not exist."},
+    413: {"model": ErrorResponse, "description": "A file over --max-adapter-bytes."},
+    415: {"model": ErrorResponse, "description": "A PEFT adapter of another type."},
+    422: {"model": ErrorResponse, "description": "Invalid name or adapter file."},
+}
+
+
+@router.post("/load_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
+async def load_lora_adapter(body: LoadLoraAdapterRequest, engine: EngineDep, settings: SettingsDep):
+    if settings.import_root is None:
+        return error_response(
+            "loading adapters from server paths is disabled; start the server with --import-root DIR", 403
+        )
+    root = settings.import_root.resolve()
+    try:
+        path = (root / body.lora_path).resolve()
+    except (OSError, ValueError) as error:
+        return error_response(f"lora_path is not a usable path ({error})", 422, param="lora_path")
+    if not path.is_relative_to(root):
+        return error_response(f"lora_path must lie under the import root {root}", 403, param="lora_path")
+    if not path.exists():
+        return error_response(f"lora_path {body.lora_path!r} does not exist", 404, param="lora_path")
+    registry = engine.registry
+
+    def store() -> None:
+        parsed = read_path(path, registry.module_shapes, settings.max_adapter_bytes)
+        registry.register(
+            body.lora_name,
+            parsed.adapter,
+            data=parsed.native_bytes,
+            source_format=parsed.source_format,
+            description=f"loaded from {path}",
+        )
+
+    await run_in_threadpool(store)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/unload_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
+async def unload_lora_adapter(body: UnloadLoraAdapterRequest, engine: EngineDep) -> PlainTextResponse:
+    deleted = await run_in_threadpool(engine.registry.delete, body.lora_name)
+    if not deleted:
+        raise UnknownAdapterError(f"the adapter {body.lora_name!r} cannot be found", param="lora_name")
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
