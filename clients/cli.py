@@ -7,7 +7,10 @@ from typing import Annotated
 
 import typer
 
+from clients.adapters_cli import adapters_app
+
 app = typer.Typer(help="Spectra: serve spectral (FourierFT / sDCTFT) adapters of one frozen LLM.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
 
 
 def _parse_adapters(values: list[str]) -> dict[str, Path]:

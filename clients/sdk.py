@@ -1,0 +1,440 @@
+"""A typed Python client for a Spectra server: :class:`SpectraClient` (sync) and :class:`AsyncSpectraClient`.
+
+Both clients expose the same methods and return the server's own pydantic response models.
+Everything that does not touch the network lives in module-level helpers shared by the two
+transports: an endpoint is a :class:`_Call` (what to send plus how to read the answer), so each
+client method is one line and a new endpoint is one ``_Call`` builder plus two thin methods.
+
+Every non-2xx answer raises :class:`SpectraAPIError` (status, message, type and param from the
+standard ``{"error": {...}}`` body); a server that cannot be reached raises
+:class:`SpectraConnectionError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import zipfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Generic, Literal, TypeVar
+from urllib.parse import quote
+
+import anyio
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from server.api.schemas.adapters import AdapterDeleted, AdapterDetail, AdapterList, AdapterObject
+from server.api.schemas.common import HealthResponse, InfoResponse
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "AdapterDeleted",
+    "AdapterDetail",
+    "AdapterList",
+    "AdapterObject",
+    "AsyncSpectraClient",
+    "DownloadFormat",
+    "HealthResponse",
+    "InfoResponse",
+    "SpectraAPIError",
+    "SpectraClient",
+    "SpectraConnectionError",
+    "SpectraError",
+]
+
+DEFAULT_TIMEOUT_S = 60.0
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+DownloadFormat = Literal["native", "peft"]
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+class SpectraError(Exception):
+    """Base class of everything this SDK raises on its own (bad responses, unsafe archives, ...)."""
+
+
+class SpectraAPIError(SpectraError):
+    """The server answered with a non-2xx status."""
+
+    def __init__(
+        self, status_code: int, message: str, *, type: str | None = None, param: str | None = None, body: Any = None
+    ) -> None:
+        super().__init__(f"{status_code}: {message}")
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.body = body
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> SpectraAPIError:
+        text = response.text
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            param = error.get("param")
+            error_type = error.get("type")
+            return cls(
+                response.status_code,
+                error["message"],
+                type=error_type if isinstance(error_type, str) else None,
+                param=param if isinstance(param, str) else None,
+                body=body,
+            )
+        message = text.strip() or response.reason_phrase or "no message"
+        return cls(response.status_code, message, body=body if body is not None else text)
+
+
+class SpectraConnectionError(SpectraError):
+    """The server could not be reached, or did not answer in time."""
+
+
+# -- shared request building and response parsing ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One request, transport-free: what to send and how to turn a 2xx response into ``T``."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    params: dict[str, str | int] | None = None
+    data: dict[str, str] | None = None
+    files: list[tuple[str, tuple[str, bytes, str]]] | None = field(default=None, repr=False)
+
+    def build(self, client: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+        return client.build_request(self.method, self.path, params=self.params, data=self.data, files=self.files)
+
+
+@dataclass(frozen=True)
+class _Download:
+    content: bytes
+    filename: str | None
+    sha256: str | None
+
+
+def _model(model: type[M]) -> Callable[[httpx.Response], M]:
+    def parse(response: httpx.Response) -> M:
+        try:
+            return model.model_validate_json(response.content)
+        except ValidationError as error:
+            raise SpectraError(
+                f"unexpected {model.__name__} response from {response.request.url}: {error.error_count()} error(s); "
+                f"body starts {response.text[:200]!r}"
+            ) from error
+
+    return parse
+
+
+def _download(response: httpx.Response) -> _Download:
+    disposition = response.headers.get("content-disposition", "")
+    match = re.search(r'filename="([^"]+)"', disposition)
+    return _Download(response.content, match.group(1) if match else None, response.headers.get("x-adapter-sha256"))
+
+
+def _finish(call: _Call[T], response: httpx.Response) -> T:
+    if not response.is_success:
+        raise SpectraAPIError.from_response(response)
+    return call.parse(response)
+
+
+def _connection_error(base_url: str, error: httpx.TransportError) -> SpectraConnectionError:
+    detail = str(error) or type(error).__name__
+    if isinstance(error, httpx.TimeoutException):
+        return SpectraConnectionError(f"the Spectra server at {base_url} did not answer in time ({detail})")
+    if isinstance(error, httpx.ConnectError):
+        return SpectraConnectionError(f"cannot connect to the Spectra server at {base_url} ({detail}); is it running?")
+    return SpectraConnectionError(f"the connection to the Spectra server at {base_url} failed ({detail})")
+
+
+def _adapter_path(ref: str, suffix: str = "") -> str:
+    if not ref:
+        raise ValueError("an adapter id or id@N is required")
+    # Ids may hold one '/' (namespace/name) which the routes take as part of the path.
+    return f"/v1/adapters/{quote(ref, safe='/@')}{suffix}"
+
+
+def _adapter_files(path: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """The ``file`` parts of an upload: a PEFT directory's two files, or one native .safetensors file."""
+    path = Path(path)
+    if path.is_dir():
+        missing = [name for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME) if not (path / name).is_file()]
+        if missing:
+            raise SpectraError(
+                f"{path} is not a PEFT adapter directory: missing {', '.join(missing)} "
+                f"(expected {PEFT_CONFIG_NAME} and {PEFT_WEIGHTS_NAME})"
+            )
+        return [
+            ("file", (PEFT_CONFIG_NAME, (path / PEFT_CONFIG_NAME).read_bytes(), "application/json")),
+            ("file", (PEFT_WEIGHTS_NAME, (path / PEFT_WEIGHTS_NAME).read_bytes(), "application/octet-stream")),
+        ]
+    if not path.is_file():
+        raise SpectraError(f"{path} does not exist")
+    return [("file", (path.name, path.read_bytes(), "application/octet-stream"))]
+
+
+def _upload_call(
+    adapter_id: str, path: Path, description: str, metadata: dict[str, Any] | None, pin: bool
+) -> _Call[AdapterObject]:
+    data = {
+        "adapter_id": adapter_id,
+        "description": description,
+        "metadata": json.dumps(metadata or {}),
+        "pin": "true" if pin else "false",
+    }
+    return _Call("POST", "/v1/adapters", _model(AdapterObject), data=data, files=_adapter_files(path))
+
+
+def _list_call(prefix: str, after: str, limit: int) -> _Call[AdapterList]:
+    params: dict[str, str | int] = {"limit": limit}
+    if prefix:
+        params["prefix"] = prefix
+    if after:
+        params["after"] = after
+    return _Call("GET", "/v1/adapters", _model(AdapterList), params=params)
+
+
+def _get_call(ref: str) -> _Call[AdapterDetail]:
+    return _Call("GET", _adapter_path(ref), _model(AdapterDetail))
+
+
+def _download_call(ref: str, format: DownloadFormat) -> _Call[_Download]:
+    if format not in ("native", "peft"):
+        raise ValueError(f"format must be 'native' or 'peft', got {format!r}")
+    return _Call("GET", _adapter_path(ref, "/download"), _download, params={"format": format})
+
+
+def _delete_call(ref: str) -> _Call[AdapterDeleted]:
+    return _Call("DELETE", _adapter_path(ref), _model(AdapterDeleted))
+
+
+def _health_call() -> _Call[HealthResponse]:
+    return _Call("GET", "/health", _model(HealthResponse))
+
+
+def _info_call() -> _Call[InfoResponse]:
+    return _Call("GET", "/info", _model(InfoResponse))
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as temp:
+            temp.write(data)
+        os.replace(temp_name, target)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _safe_member(name: str) -> PurePosixPath:
+    """The relative path of a zip member, refusing anything that could land outside the destination."""
+    member = PurePosixPath(name.replace("\\", "/"))
+    if (
+        not member.parts
+        or member.is_absolute()
+        or ".." in member.parts
+        or re.match(r"^[A-Za-z]:", name)  # a Windows drive, absolute or drive-relative
+    ):
+        raise SpectraError(f"refusing to extract unsafe archive member {name!r}")
+    return member
+
+
+def _extract_zip(data: bytes, dest: Path) -> None:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as error:
+        raise SpectraError(f"the server sent a PEFT download that is not a zip ({error})") from error
+    with archive:
+        infos = archive.infolist()
+        members = [(info, _safe_member(info.filename)) for info in infos]  # check every name before writing any
+        dest.mkdir(parents=True, exist_ok=True)
+        for info, member in members:
+            target = dest.joinpath(*member.parts)
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            _write_atomically(target, archive.read(info))
+
+
+def _save_download(download: _Download, dest: Path, format: DownloadFormat) -> Path:
+    """Write a download: native to ``dest`` (or into it, if it is a directory); peft unzipped into ``dest``."""
+    dest = Path(dest)
+    if format == "peft":
+        _extract_zip(download.content, dest)
+        return dest
+    if download.sha256 is not None and hashlib.sha256(download.content).hexdigest() != download.sha256:
+        raise SpectraError(f"download is corrupt: its sha256 is not the {download.sha256} the server announced")
+    if dest.is_dir():
+        dest = dest / (download.filename or "adapter.safetensors")
+    _write_atomically(dest, download.content)
+    return dest
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    headers = {"User-Agent": "spectra-sdk"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+# -- transports --------------------------------------------------------------------------------
+
+
+class SpectraClient:
+    """Blocking client. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, base_url: str, *, timeout: float = DEFAULT_TIMEOUT_S, api_key: str | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=_headers(api_key))
+
+    def __enter__(self) -> SpectraClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: _Call[T]) -> T:
+        try:
+            response = self._http.send(call.build(self._http))
+        except httpx.TransportError as error:
+            raise _connection_error(self.base_url, error) from error
+        return _finish(call, response)
+
+    # -- server ----------------------------------------------------------------------------
+
+    def health(self) -> HealthResponse:
+        return self._send(_health_call())
+
+    def info(self) -> InfoResponse:
+        return self._send(_info_call())
+
+    # -- adapters --------------------------------------------------------------------------
+
+    def upload_adapter(
+        self,
+        adapter_id: str,
+        path: Path | str,
+        *,
+        description: str = "",
+        metadata: dict[str, Any] | None = None,
+        pin: bool = False,
+    ) -> AdapterObject:
+        """Upload a PEFT FourierFT directory or a native ``.safetensors`` file; an existing id gets a new version."""
+        return self._send(_upload_call(adapter_id, Path(path), description, metadata, pin))
+
+    def list_adapters(self, prefix: str = "", after: str = "", limit: int = 100) -> AdapterList:
+        """One page of the latest version of each id; pass the page's ``last_id`` as ``after`` for the next."""
+        return self._send(_list_call(prefix, after, limit))
+
+    def iter_adapters(self, prefix: str = "", *, page_size: int = 100) -> Iterator[AdapterObject]:
+        after = ""
+        while True:
+            page = self.list_adapters(prefix, after, page_size)
+            yield from page.data
+            if not page.has_more or page.last_id is None:
+                return
+            after = page.last_id
+
+    def get_adapter(self, ref: str) -> AdapterDetail:
+        """``id`` (latest version) or ``id@N``, with every stored version of the id."""
+        return self._send(_get_call(ref))
+
+    def download_adapter(self, ref: str, dest: Path | str, format: DownloadFormat = "native") -> Path:
+        """Save ``ref`` as a native file at ``dest`` (or into the directory ``dest``), or as a PEFT directory.
+
+        Returns the path written: the file for ``native``, the directory for ``peft``.
+        """
+        return _save_download(self._send(_download_call(ref, format)), Path(dest), format)
+
+    def delete_adapter(self, ref: str) -> AdapterDeleted:
+        """Delete ``id`` (every version) or ``id@N``."""
+        return self._send(_delete_call(ref))
+
+
+class AsyncSpectraClient:
+    """The same methods as :class:`SpectraClient`, awaitable. Use ``async with``, or call :meth:`aclose`."""
+
+    def __init__(self, base_url: str, *, timeout: float = DEFAULT_TIMEOUT_S, api_key: str | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=_headers(api_key))
+
+    async def __aenter__(self) -> AsyncSpectraClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: _Call[T]) -> T:
+        try:
+            response = await self._http.send(call.build(self._http))
+        except httpx.TransportError as error:
+            raise _connection_error(self.base_url, error) from error
+        return _finish(call, response)
+
+    # -- server ----------------------------------------------------------------------------
+
+    async def health(self) -> HealthResponse:
+        return await self._send(_health_call())
+
+    async def info(self) -> InfoResponse:
+        return await self._send(_info_call())
+
+    # -- adapters --------------------------------------------------------------------------
+
+    async def upload_adapter(
+        self,
+        adapter_id: str,
+        path: Path | str,
+        *,
+        description: str = "",
+        metadata: dict[str, Any] | None = None,
+        pin: bool = False,
+    ) -> AdapterObject:
+        call = await anyio.to_thread.run_sync(_upload_call, adapter_id, Path(path), description, metadata, pin)
+        return await self._send(call)
+
+    async def list_adapters(self, prefix: str = "", after: str = "", limit: int = 100) -> AdapterList:
+        return await self._send(_list_call(prefix, after, limit))
+
+    async def iter_adapters(self, prefix: str = "", *, page_size: int = 100) -> AsyncIterator[AdapterObject]:
+        after = ""
+        while True:
+            page = await self.list_adapters(prefix, after, page_size)
+            for adapter in page.data:
+                yield adapter
+            if not page.has_more or page.last_id is None:
+                return
+            after = page.last_id
+
+    async def get_adapter(self, ref: str) -> AdapterDetail:
+        return await self._send(_get_call(ref))
+
+    async def download_adapter(self, ref: str, dest: Path | str, format: DownloadFormat = "native") -> Path:
+        download = await self._send(_download_call(ref, format))
+        return await anyio.to_thread.run_sync(_save_download, download, Path(dest), format)
+
+    async def delete_adapter(self, ref: str) -> AdapterDeleted:
+        return await self._send(_delete_call(ref))
