@@ -249,7 +249,10 @@ def download(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(metavar="REF", help="'id' (latest version) or 'id@N'.")],
     dest: Annotated[
-        Path, typer.Argument(metavar="DEST", help="native: a file, or a directory to save into; peft: the directory to unzip into.")
+        Path,
+        typer.Argument(
+            metavar="DEST", help="native: a file, or a directory to save into; peft: the directory to unzip into."
+        ),
     ],
     format: Annotated[DownloadFormat, typer.Option("--format", help="native .safetensors or a PEFT directory.")] = (
         DownloadFormat.native

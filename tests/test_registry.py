@@ -172,6 +172,22 @@ def test_a_reloaded_adapter_carries_its_coefficients(make_registry: MakeRegistry
         assert int(layer.slot_locset[new_slot]) != 0
 
 
+def test_a_slot_reused_after_a_bigger_adapter_has_no_stale_coefficients(make_registry: MakeRegistry) -> None:
+    registry = make_registry(room_for=2)
+    small = random_adapter(registry.module_shapes, 1, n=100)  # half the unit cost
+    big = random_adapter(registry.module_shapes, 2, n=400)  # the whole budget
+    registry.register("small", small)
+    registry.register("big", big)
+    touch(registry, "small")
+    touch(registry, "big")  # evicts small
+    slot = touch(registry, "small")  # evicts big; small lands in a slot that held 400 coefficients per layer
+
+    assert registry.evictions == 2 and registry.resident_count() == 1
+    assert holds(registry.bank, slot, small)
+    for name, spectrum in small.modules.items():
+        assert not registry.bank.layers[name].slot_coef[slot, spectrum.n :].any(), f"{name}: big's coefficients remain"
+
+
 # -- pins --------------------------------------------------------------------------------------
 
 
@@ -230,6 +246,28 @@ def test_a_pin_refused_for_lack_of_memory_leaves_no_version_behind(make_registry
         f"the upload was refused with 429, yet r@{record.version} is stored (pinned={record.pinned}, "
         f"listed by ids(): {'r' in registry.ids()}); a client retrying the 429 adds a version each time, "
         "and load_pinned() at the next start competes for the budget with the pins that did load"
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="registry bug: a pin refused with 429 stays pinned in the store and competes at load_pinned()",
+)
+def test_the_acknowledged_pins_are_the_ones_resident_after_a_restart(make_registry: MakeRegistry) -> None:
+    registry = make_registry(room_for=2)
+    registry.register("p", adapter_for(registry.module_shapes, 100), pin=True)
+    registry.register("q", adapter_for(registry.module_shapes, 101), pin=True)
+    with pytest.raises(AdapterMemoryFullError):
+        registry.register("a", adapter_for(registry.module_shapes, 102), pin=True)  # sorts before p and q
+    registry.store.close()
+
+    restarted = make_registry(room_for=2)
+    attempted = restarted.load_pinned()
+    loads = restarted.loads
+    touch(restarted, "q")
+    assert restarted.loads == loads, (
+        f"q was pinned with 201 but is not resident after the restart: load_pinned() tried {attempted} pins in id "
+        "order and the refused pin 'a' took q's place in the budget"
     )
 
 
@@ -340,6 +378,29 @@ def test_deleting_a_pin_frees_its_budget(make_registry: MakeRegistry) -> None:
     assert registry.resident_count() == 1 == registry.bank.resident_slots
     touch(registry, "a")
     assert registry.resident_count() == 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="registry bug: versions are cached by (id, version) and the store reuses a deleted version's number",
+)
+def test_a_reuploaded_id_never_serves_the_deleted_version_still_in_flight(make_registry: MakeRegistry) -> None:
+    registry = make_registry(room_for=2)
+    old, new = adapter_for(registry.module_shapes, 1), adapter_for(registry.module_shapes, 2)
+    registry.register("x", old)
+    in_flight = registry.lease("x")
+    in_flight.slot()
+    registry.delete("x")
+    record = registry.register("x", new)  # the store numbers it x@1 again: MAX(version) + 1 over no rows
+
+    fresh = registry.lease("x")
+
+    name = next(iter(new.modules))
+    assert torch.equal(fresh.version.adapter.modules[name].coefficients, new.modules[name].coefficients), (
+        f"lease('x') after re-uploading x (now x@{record.version}, sha {record.sha256[:12]}) returned the deleted "
+        f"x@{in_flight.version.version} still held by an in-flight request (same object: "
+        f"{fresh.version is in_flight.version}): a new request runs the deleted adapter's weights"
+    )
 
 
 def test_a_corrupted_blob_makes_its_version_broken(make_registry: MakeRegistry) -> None:
