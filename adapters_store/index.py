@@ -28,6 +28,10 @@ CREATE TABLE IF NOT EXISTS adapter_versions (
     PRIMARY KEY (adapter_id, version)
 );
 CREATE INDEX IF NOT EXISTS adapter_versions_sha ON adapter_versions (sha256);
+CREATE TABLE IF NOT EXISTS adapter_ids (
+    adapter_id TEXT PRIMARY KEY,
+    last_version INTEGER NOT NULL
+);
 """
 
 
@@ -88,8 +92,12 @@ class AdapterIndex:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                # Numbers are never reused, even after deletes: a client holding id@N must never get other bytes.
                 row = self._db.execute(
-                    "SELECT COALESCE(MAX(version), 0) + 1 FROM adapter_versions WHERE adapter_id = ?", (adapter_id,)
+                    """INSERT INTO adapter_ids VALUES (?, 1)
+                       ON CONFLICT (adapter_id) DO UPDATE SET last_version = last_version + 1
+                       RETURNING last_version""",
+                    (adapter_id,),
                 ).fetchone()
                 version = int(row[0])
                 self._db.execute(

@@ -54,7 +54,18 @@ def to_bytes(adapter: SpectralAdapter) -> bytes:
         "modules": json.dumps(modules, sort_keys=True),
         "extra": json.dumps(adapter.extra, sort_keys=True),
     }
-    return save_safetensors(tensors, metadata=metadata)
+    return _with_sorted_metadata(save_safetensors(tensors, metadata=metadata))
+
+
+def _with_sorted_metadata(data: bytes) -> bytes:
+    """safetensors writes ``__metadata__`` in hash-map order; sorting it makes equal adapters equal bytes
+    (the store is content-addressed, and ``--adapter`` at start skips files whose bytes are already stored)."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
 def read_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

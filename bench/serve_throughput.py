@@ -23,15 +23,9 @@ import datetime
 import gc
 import json
 import math
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +39,7 @@ from transformers.utils import logging as hf_logging
 from adapters_store import native
 from adapters_store.peft_format import to_peft_dir
 from adapters_store.store import AdapterStore
+from bench.common import cpu_model, load_1min, percentile, running_server, wait_for_quiet_machine
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine, EngineLimits, RequestHandle
 from server.engine.model_runner import ModelRunner
@@ -53,7 +48,6 @@ from server.models.embedded import DEFAULT_MODEL_NAME, ensure_default_model, sav
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
 from server.spectral.fourierft import peft_locations
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 N_FREQUENCY = 1000
 SCALING = 150.0
 SEED = 777  # PEFT's default random_loc_seed
@@ -78,7 +72,6 @@ SCENARIO_LABELS = {
 }
 # Warm-ups use the real prompts (the same matmul shapes as the timed prefill) but only a couple of new tokens.
 WARMUP_NEW_TOKENS = 2
-SERVER_START_TIMEOUT_S = 300.0
 FILLER = "the quick brown fox jumps over the lazy dog; "
 
 
@@ -105,36 +98,6 @@ class Burst:
             "tpot_p50_ms": round(1000 * percentile(self.tpot_s, 50), 1) if self.tpot_s else None,
             "note": self.note,
         }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-def load_1min() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
-def wait_for_quiet_machine(max_load: float, max_wait_s: float) -> float:
-    """Other engineers' test runs share these 2 cores; start when they are idle, or give up waiting."""
-    deadline = time.monotonic() + max_wait_s
-    load = load_1min()
-    while load >= max_load and time.monotonic() < deadline:
-        print(f"1-minute load {load:.2f} >= {max_load}; waiting", flush=True)
-        time.sleep(15)
-        load = load_1min()
-    return load
 
 
 def make_prompts(count: int, tokens: int) -> list[str]:
@@ -348,53 +311,6 @@ def peft_scenario(
 # -- (4): HTTP ---------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def running_server(model_dir: Path, adapter_files: dict[str, Path], work: Path, max_batch: int) -> Iterator[str]:
-    """The real server (``spectra serve``) in a subprocess; yields its base URL once ``/health`` answers 200."""
-    port = free_port()
-    command = [
-        sys.executable, "-m", "clients.cli", "serve", "--model", str(model_dir), "--data-dir", str(work / "data"),
-        "--port", str(port), "--dtype", "float32", "--device", "cpu", "--max-batch-size", str(max_batch),
-        "--log-level", "warning",
-    ]  # fmt: skip
-    for name, path in adapter_files.items():
-        command += ["--adapter", f"{name}={path}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    log_path = work / f"server-{port}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"server not healthy after {SERVER_START_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
-        yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 async def http_burst(base_url: str, texts: list[str], adapters: list[str], new_tokens: int) -> Burst:
     """TTFT is the first SSE event at the client. The TGI stream holds each token until the engine's next event
     (the last token must carry ``details``), so it lands one engine step after the engine sampled it."""
@@ -446,7 +362,10 @@ def http_scenario(
         files[adapter_name(index)] = path
     names = list(files)
     began = time.perf_counter()
-    with running_server(model_dir, files, work, len(texts)) as base_url:
+    adapter_args = [arg for name, path in files.items() for arg in ("--adapter", f"{name}={path}")]
+    serve_args = ("--model", str(model_dir), "--max-batch-size", str(len(texts)), *adapter_args)
+    with running_server(work, *serve_args) as server:
+        base_url = server.base_url
         start_s = time.perf_counter() - began
         # Warm-up with every adapter so that all bank slots are resident before the timed burst.
         asyncio.run(http_burst(base_url, texts, names, WARMUP_NEW_TOKENS))

@@ -28,6 +28,7 @@ from peft import FourierFTConfig
 from peft.tuners.fourierft.layer import FourierFTLinear
 from torch import nn
 
+from bench.common import cpu_model
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
 from server.spectral.bank import AdapterBank, LayerTable
 from server.spectral.fourierft import delta_weight, peft_locations
@@ -73,13 +74,6 @@ class ShapeState:
     dense: torch.Tensor
     peft_layer: FourierFTLinear
     names: list[str]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def human_bytes(count: float) -> str:

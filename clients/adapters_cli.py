@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -84,6 +85,8 @@ def _client(ctx: typer.Context) -> Iterator[SpectraClient]:
         _fail(f"error: {error}", EXIT_CONNECTION_ERROR)
     except SpectraError as error:
         _fail(f"error: {error}", EXIT_API_ERROR)
+    except OSError as error:  # reading the upload or writing the download
+        _fail(f"error: {error}", EXIT_API_ERROR)
 
 
 @contextlib.contextmanager
@@ -109,8 +112,8 @@ def _size(n_bytes: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _created(timestamp: int) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
+def _created(timestamp: int, layout: str = "%Y-%m-%d %H:%M:%S UTC") -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime(layout)
 
 
 def _status(adapter: AdapterObject, reason: bool = False) -> Text:
@@ -121,18 +124,12 @@ def _status(adapter: AdapterObject, reason: bool = False) -> Text:
 
 
 def _adapter_table(adapters: list[AdapterObject], title: str | None = None) -> Table:
-    table = Table(title=title)
-    for column, justify in (
-        ("id", "left"),
-        ("version", "right"),
-        ("method", "left"),
-        ("params", "right"),
-        ("size", "right"),
-        ("status", "left"),
-        ("created", "left"),
-    ):
+    # Light borders leave room for an 80-column terminal (or a pipe, which rich takes as 80).
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
+    for column in ("id", "version", "method", "params", "size", "status", "created"):
         # Ids fold rather than lose characters to an ellipsis: they are what users copy.
-        table.add_column(column, justify=justify, overflow="fold", no_wrap=column == "created")  # type: ignore[arg-type]
+        numeric = column in ("version", "params", "size")
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold", no_wrap=column != "id")
     for adapter in adapters:
         table.add_row(
             Text(adapter.id),
@@ -141,7 +138,7 @@ def _adapter_table(adapters: list[AdapterObject], title: str | None = None) -> T
             f"{adapter.n_params:,}",
             _size(adapter.size_bytes),
             _status(adapter),
-            _created(adapter.created_at),
+            _created(adapter.created_at, "%Y-%m-%d %H:%M"),
         )
     return table
 

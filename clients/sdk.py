@@ -172,6 +172,8 @@ def _adapter_path(ref: str, suffix: str = "") -> str:
 def _adapter_files(path: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
     """The ``file`` parts of an upload: a PEFT directory's two files, or one native .safetensors file."""
     path = Path(path)
+    if path.name == PEFT_CONFIG_NAME:  # a PEFT directory named by its config file, as the server accepts too
+        path = path.parent
     if path.is_dir():
         missing = [name for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME) if not (path / name).is_file()]
         if missing:

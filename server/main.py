@@ -8,7 +8,7 @@ from pathlib import Path
 
 import uvicorn
 
-from adapters_store.store import AdapterStore
+from adapters_store.store import AdapterStore, StoreLockedError
 from adapters_store.uploads import read_path
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine, EngineLimits
@@ -67,7 +67,11 @@ def build_engine(settings: ServerSettings) -> Engine:
 
 def serve(settings: ServerSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    engine = build_engine(settings)
+    try:
+        engine = build_engine(settings)
+    except StoreLockedError as error:
+        logger.error("%s; stop it or use another --data-dir", error)
+        raise SystemExit(1) from error
     engine.start()
     logger.info("serving model=%s on http://%s:%d", engine.model_name, settings.host, settings.port)
     try:

@@ -65,9 +65,7 @@ def _burst_then_kill(server: Server, files: dict[str, bytes]) -> dict[str, str]:
 
 
 @pytest.mark.timeout(300)
-def test_kill_9_during_concurrent_uploads_loses_no_acknowledged_upload(
-    tiny_llama_dir: Path, tmp_path: Path
-) -> None:
+def test_kill_9_during_concurrent_uploads_loses_no_acknowledged_upload(tiny_llama_dir: Path, tmp_path: Path) -> None:
     shapes = ModelRunner(tiny_llama_dir, dtype="float32", device="cpu").module_shapes
     files = {f"crash/a{index:03d}": native.to_bytes(random_adapter(shapes, 5000 + index)) for index in range(UPLOADS)}
     data_dir = tmp_path / "data"

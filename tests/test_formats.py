@@ -15,6 +15,7 @@ from adapters_store.peft_format import from_peft, to_peft
 from adapters_store.validation import validate_adapter
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
 from server.spectral.fourierft import peft_locations
+from tests.engine_fixtures import random_adapter
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.self_attn.v_proj": (32, 64)}
 
@@ -265,3 +266,11 @@ def test_invalid_peft_adapters_are_rejected(config: bytes, tensors: dict, error:
 def test_sdctft_cannot_be_exported_to_peft() -> None:
     with pytest.raises(AdapterFormatError, match="PEFT has no sdctft adapter type"):
         to_peft(_adapter())
+
+
+def test_the_same_adapter_always_serialises_to_the_same_bytes() -> None:
+    shapes = {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.1.self_attn.v_proj": (32, 64)}
+    adapter = random_adapter(shapes, 3)
+    encodings = {native.to_bytes(adapter) for _ in range(20)}
+    assert len(encodings) == 1
+    assert native.from_bytes(encodings.pop()).modules.keys() == adapter.modules.keys()

@@ -112,3 +112,13 @@ def test_a_namespaced_download_name_is_reserved() -> None:
     validate_adapter_id("download")
     with pytest.raises(InvalidAdapterIdError, match="other than 'download'"):
         validate_adapter_id("team/download")
+
+
+def test_version_numbers_are_never_reused_after_deletes(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    _put(store, "a", b"one")
+    _put(store, "a", b"two")
+    store.delete("a", 2)
+    assert _put(store, "a", b"three").version == 3
+    store.delete("a")
+    assert _put(store, "a", b"four").version == 4

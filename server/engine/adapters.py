@@ -58,9 +58,12 @@ def resident_cost(adapter: SpectralAdapter) -> int:
 
 @dataclass(eq=False)
 class AdapterVersion:
+    """``adapter`` is the parsed file, kept only until its slot is loaded: the bank has what serving needs,
+    and parsed locations (int64 rows and cols) would otherwise cost several times the coefficients."""
+
     adapter_id: str
     version: int
-    adapter: SpectralAdapter
+    adapter: SpectralAdapter | None
     cost: int
     slot: int | None = None
     leases: int = 0
@@ -155,21 +158,25 @@ class AdapterRegistry:
         validate_adapter_id(adapter_id)
         validate_adapter(adapter, self.module_shapes, base_architecture=self.architecture)
         cost = resident_cost(adapter)
-        if pin and cost > self.memory_budget_bytes:
-            raise AdapterMemoryFullError(
-                f"the adapter needs {cost} bytes of adapter memory; --adapter-memory is {self.memory_budget_bytes}"
+        if pin:
+            self._reserve_pin(cost)
+        try:
+            record = self.store.put(
+                adapter_id,
+                data if data is not None else native.to_bytes(adapter),
+                method=adapter.method,
+                n_params=adapter.n_params,
+                source_format=source_format,
+                base_model=self.base_model,
+                description=description,
+                metadata=metadata,
+                pinned=pin,
             )
-        record = self.store.put(
-            adapter_id,
-            data if data is not None else native.to_bytes(adapter),
-            method=adapter.method,
-            n_params=adapter.n_params,
-            source_format=source_format,
-            base_model=self.base_model,
-            description=description,
-            metadata=metadata,
-            pinned=pin,
-        )
+        except BaseException:
+            if pin:
+                with self._lock:
+                    self._held_bytes -= cost
+            raise
         logger.info(
             "adapter stored id=%s version=%d method=%s params=%d bytes=%d pinned=%s",
             record.adapter_id,
@@ -180,23 +187,35 @@ class AdapterRegistry:
             pin,
         )
         if pin:
-            self.pin(record, adapter)
+            version = AdapterVersion(record.adapter_id, record.version, adapter, cost, pinned=True)
+            with self._lock:
+                self._versions[version.key] = version
+            self.ensure_loaded(version)
         return record
 
-    def pin(self, record: AdapterRecord, adapter: SpectralAdapter | None = None) -> None:
-        """Load ``record`` now and keep it resident until it is deleted."""
-        version = self._hold(record, adapter, pin=True)
-        self.ensure_loaded(version)
+    def _reserve_pin(self, cost: int) -> None:
+        """Count a pin against the budget before it is stored, so a refused pin leaves nothing behind."""
+        with self._lock:
+            if self._held_bytes + cost > self.memory_budget_bytes:
+                raise AdapterMemoryFullError(
+                    f"pinning needs {cost} bytes of adapter memory; {self._held_bytes} of "
+                    f"{self.memory_budget_bytes} are held by pinned adapters or adapters in use: "
+                    "unpin (delete) some, or raise --adapter-memory"
+                )
+            self._held_bytes += cost
 
     def load_pinned(self) -> int:
-        """At start: make every pinned, intact version resident again."""
-        pinned = [record for record in self.store.index.pinned_records() if not record.broken]
-        for record in pinned:
+        """At start: make every pinned, intact version resident again; returns how many were loaded."""
+        loaded = 0
+        for record in self.store.index.pinned_records():
+            if record.broken:
+                continue
             try:
-                self.pin(record)
+                self.ensure_loaded(self._hold(record, None, pin=True))
+                loaded += 1
             except EngineError as error:
                 logger.error("pinned adapter not loaded id=%s version=%d: %s", record.adapter_id, record.version, error)
-        return len(pinned)
+        return loaded
 
     def delete(self, ref: str) -> list[AdapterRecord]:
         """Delete ``id`` (all versions) or ``id@N``; in-flight requests finish on what they leased."""
@@ -239,8 +258,8 @@ class AdapterRegistry:
             if version is not None and self._take_locked(version, pin):
                 return version
         if version is None:
-            version = AdapterVersion(record.adapter_id, record.version, adapter or self._read(record), 0)
-            version.cost = resident_cost(version.adapter)
+            parsed = adapter or self._read(record)
+            version = AdapterVersion(record.adapter_id, record.version, parsed, resident_cost(parsed))
         with self._lock:
             version = self._versions.setdefault(key, version)
             if not self._take_locked(version, pin):
@@ -301,9 +320,11 @@ class AdapterRegistry:
                     return version.slot
                 victims = self._evict_for_locked(version.cost)
             self._unload_slots(victims)
+            assert version.adapter is not None, "a version without a slot keeps its parsed adapter"
             slot = self.bank.load(version.adapter)
             with self._lock:
                 version.slot = slot
+                version.adapter = None
                 self._resident[version.key] = version
                 self._resident_bytes += version.cost
                 self.loads += 1

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -75,11 +75,12 @@ class LayerTable:
         self.slot_scale = _grown(self.slot_scale, 0, capacity)
         self.slot_locset = _grown(self.slot_locset, 0, capacity)
 
-    def _acquire_locset(self, key: str, entries: SpectralEntries) -> int:
+    def _acquire_locset(self, key: str, compile_locations: Callable[[], SpectralEntries]) -> int:
         known = self._locsets.get(key)
         if known is not None:
             known.refcount += 1
             return known.id
+        entries = compile_locations()
         if self._free_locsets:
             locset_id = self._free_locsets.pop()
         else:
@@ -117,7 +118,7 @@ class LayerTable:
         rows, cols = spectrum.rows.long().contiguous(), spectrum.cols.long().contiguous()
         digest = hashlib.blake2b(rows.numpy().tobytes() + cols.numpy().tobytes(), digest_size=16).hexdigest()
         key = f"{method}:{adapter.norm if method == 'sdctft' else ''}:{digest}"
-        locset_id = self._acquire_locset(key, compile_entries(method, adapter.norm, spectrum))
+        locset_id = self._acquire_locset(key, lambda: compile_entries(method, adapter.norm, spectrum))
         self.slot_coef = _grown(self.slot_coef, 1, spectrum.n)
         self.slot_coef[slot].zero_()
         self.slot_coef[slot, : spectrum.n] = spectrum.coefficients.to(self.device, torch.float32)
