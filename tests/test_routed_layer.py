@@ -10,7 +10,8 @@ from transformers.pytorch_utils import Conv1D
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
 from server.spectral.bank import AdapterBank
 from server.spectral.dense import delta_weight
-from server.spectral.layer import RoutedSpectralLinear
+from server.spectral.entries import FeatureLayout
+from server.spectral.layer import MIXING_MATRIX_MIN_TOKENS, RoutedSpectralLinear
 from server.spectral.routing import TrainableSpectrum
 from tests.conftest import load_routed
 
@@ -207,3 +208,38 @@ def test_routing_shares_base_weights_and_never_writes_them(tiny_llama_dir) -> No
     for name, parameter in model.named_parameters():
         pointer, values = before[name]
         assert parameter.data_ptr() == pointer and torch.equal(parameter, values)
+
+
+@pytest.mark.parametrize(("method", "norm"), METHODS)
+def test_prefill_rows_of_dense_and_sparse_adapters_and_base_rows_equal_dense_dw(method: str, norm: str) -> None:
+    """Rows of 6 tokens: a dense adapter (prefill takes the mixing-matrix path), a sparse one (gather
+    path) and base rows (skipped) in one forward, with gradients through the coefficients."""
+    shape = (64, 48)
+    base, bank, layer = _single_layer(shape, torch.float32)
+    dense_adapter = _adapter(method, norm, {"layer": shape}, 2500, 1)
+    sparse_adapter = _adapter(method, norm, {"layer": shape}, 10, 2)
+    dense_slot, sparse_slot = bank.load(dense_adapter), bank.load(sparse_adapter)
+    in_size, out_size = FeatureLayout(shape[1]).size, FeatureLayout(shape[0]).size
+    assert layer.table.locset_in.shape[1] * MIXING_MATRIX_MIN_TOKENS >= in_size * out_size, "must take the matrix path"
+    row_slots = torch.tensor([dense_slot, 0, sparse_slot, dense_slot, 0])
+    x = torch.randn(5, 6, shape[1])
+    trainable = TrainableSpectrum(dense_slot, {"layer": dense_adapter.modules["layer"].coefficients.clone()})
+    trainable.coefficients["layer"].requires_grad_(True)
+    with bank.route(row_slots[:, None].expand(-1, 6), trainable=trainable):
+        got = layer(x) - base(x)
+    weights = {0: torch.zeros(shape), sparse_slot: delta_weight(sparse_adapter, "layer")}
+    coefficients = trainable.coefficients["layer"].detach().clone().requires_grad_(True)
+    spectrum = dense_adapter.modules["layer"]
+    as_trained = SpectralAdapter(
+        method,  # type: ignore[arg-type]
+        {"layer": ModuleSpectrum(coefficients, spectrum.rows, spectrum.cols, shape, spectrum.scaling)},
+        norm=norm,  # type: ignore[arg-type]
+    )
+    weights[dense_slot] = delta_weight(as_trained, "layer")
+    expected = torch.stack([x[row] @ weights[int(slot)].T for row, slot in enumerate(row_slots)])
+    assert _relative_error(got.detach(), expected.detach()) <= 1e-4
+    assert torch.equal(got[1].detach(), torch.zeros_like(got[1]))
+    upstream = torch.randn_like(got)
+    (got * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    assert _relative_error(trainable.coefficients["layer"].grad, coefficients.grad) <= 1e-4

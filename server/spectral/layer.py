@@ -45,33 +45,64 @@ def _slot_coefficients(table: LayerTable, routing: Routing) -> torch.Tensor:
     return torch.where((routing.unique_slots == trainable.slot)[:, None], padded[None, :], coefficients)
 
 
+# A prefill row multiplies its features by a dense [out, in] spectral mixing matrix once the adapter's
+# entries are dense enough that a few tokens pay for building it (docs/spectral-path.md, "prefill").
+MIXING_MATRIX_MIN_TOKENS = 8
+
+
 def spectral_delta(x: torch.Tensor, table: LayerTable, routing: Routing) -> torch.Tensor:
     """``dW x`` in fp32 for ``x`` of shape ``[tokens, d_in]``, each token with its routed slot(s).
 
     Per slot present: gather the entry tables of its location set and its coefficients into
-    weights ``[U, E]``; per row of tokens: gather the forward features at the entries' input
-    indices, multiply, scatter-add into output features; inverse transform.
+    weights ``[U, E]``. Rows whose slots are all 0 (no adapter) are skipped. Per row of tokens,
+    either gather the forward features at the entries' input indices, multiply and scatter-add
+    into output features (decode, sparse adapters), or scatter the entries once into a dense
+    mixing matrix and multiply (prefill of dense adapters); then inverse transform.
     """
+    rows, per_row = routing.inverse.shape[0], routing.tokens_per_row
+    active = (routing.unique_slots[routing.inverse] != 0).any(dim=1)
+    if not bool(active.all()):
+        result = x.new_zeros(rows, per_row, table.shape[0], dtype=torch.float32)
+        if bool(active.any()):
+            index = active.nonzero().squeeze(1)
+            subset = x.view(rows, per_row, -1)[index].reshape(-1, x.shape[-1])
+            result[index] = _delta_rows(subset, table, routing, index).view(len(index), per_row, -1)
+        return result.view(rows * per_row, -1)
+    return _delta_rows(x, table, routing, None)
+
+
+def _delta_rows(x: torch.Tensor, table: LayerTable, routing: Routing, row_index: torch.Tensor | None) -> torch.Tensor:
     d_out, d_in = table.shape
+    inverse = routing.inverse if row_index is None else routing.inverse[row_index]
     locsets = table.slot_locset[routing.unique_slots]
     entry_weights = (
         table.locset_factor[locsets]
         * _slot_coefficients(table, routing).gather(1, table.locset_coef[locsets])
         * table.slot_scale[routing.unique_slots][:, None]
     )
-    row_weights = entry_weights[routing.inverse]
+    row_weights = entry_weights[inverse]
     if routing.weights is not None:
-        row_weights = row_weights * routing.weights[..., None]
-    rows, per_row = routing.inverse.shape[0], routing.tokens_per_row
-    row_weights = row_weights.flatten(1)[:, None, :]
-    in_index = table.locset_in[locsets][routing.inverse].flatten(1)[:, None, :].expand(-1, per_row, -1)
-    out_index = table.locset_out[locsets][routing.inverse].flatten(1)[:, None, :].expand(-1, per_row, -1)
+        blend = routing.weights if row_index is None else routing.weights[row_index]
+        row_weights = row_weights * blend[..., None]
+    rows, per_row = inverse.shape[0], routing.tokens_per_row
+    row_weights = row_weights.flatten(1)
+    in_index = table.locset_in[locsets][inverse].flatten(1)
+    out_index = table.locset_out[locsets][inverse].flatten(1)
     layout_in, layout_out = FeatureLayout(d_in), FeatureLayout(d_out)
     features = _forward_features(x.float(), layout_in, routing).view(rows, per_row, -1)
-    contributions = features.gather(2, in_index) * row_weights
+    in_size = features.shape[-1]
     out_size = layout_out.size if routing.needs_dct else layout_out.dct_offset
-    spectrum = features.new_zeros(rows, per_row, out_size).scatter_add(2, out_index, contributions)
-    return _inverse_features(spectrum.view(rows * per_row, out_size), layout_out, routing)
+    if per_row > 1 and in_index.shape[1] * MIXING_MATRIX_MIN_TOKENS >= in_size * out_size:
+        mixing = features.new_zeros(rows, out_size * in_size).scatter_add(
+            1, out_index * in_size + in_index, row_weights
+        )
+        spectrum = torch.bmm(features, mixing.view(rows, out_size, in_size).transpose(1, 2))
+    else:
+        contributions = features.gather(2, in_index[:, None, :].expand(-1, per_row, -1)) * row_weights[:, None, :]
+        spectrum = features.new_zeros(rows, per_row, out_size).scatter_add(
+            2, out_index[:, None, :].expand(-1, per_row, -1), contributions
+        )
+    return _inverse_features(spectrum.reshape(rows * per_row, out_size), layout_out, routing)
 
 
 class RoutedSpectralLinear(nn.Module):
