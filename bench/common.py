@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -104,3 +105,9 @@ def running_server(work: Path, *serve_args: str) -> Iterator[RunningServer]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import datetime
 import hashlib
-import json
 import random
 import statistics
 import tempfile
@@ -34,7 +33,15 @@ import torch
 
 from adapters_store import native
 from adapters_store.store import AdapterStore
-from bench.common import cpu_model, load_1min, percentile, rss_bytes, running_server, wait_for_quiet_machine
+from bench.common import (
+    cpu_model,
+    load_1min,
+    percentile,
+    rss_bytes,
+    running_server,
+    wait_for_quiet_machine,
+    write_report,
+)
 from server.engine.model_runner import ModelRunner
 from server.models.embedded import ensure_default_model
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
@@ -76,15 +83,18 @@ def n_for_file_size(shapes: dict[str, tuple[int, int]], target_bytes: int) -> in
 class BackgroundStreams:
     """``count`` clients that keep a greedy stream running on the base model until stopped."""
 
-    def __init__(self, base_url: str, count: int, new_tokens: int):
-        self.base_url, self.count, self.new_tokens = base_url, count, new_tokens
+    def __init__(self, base_url: str, count: int, new_tokens: int, spread: int):
+        self.base_url, self.count, self.new_tokens, self.spread = base_url, count, new_tokens, spread
         self.tokens = 0
         self.errors = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
     async def _client(self, client: httpx.AsyncClient, index: int) -> None:
-        body = {"inputs": f"background stream {index}", "parameters": {"max_new_tokens": self.new_tokens}}
+        # Lengths differ per stream so restarts spread out, as in real traffic; equal lengths make all 16
+        # restart in the same step, a synchronized prefill burst (docs/benchmarks.md reports both).
+        new_tokens = self.new_tokens + index * self.spread
+        body = {"inputs": f"background stream {index}", "parameters": {"max_new_tokens": new_tokens}}
         while not self._stop.is_set():
             try:
                 async with client.stream("POST", "/generate_stream", json=body) as response:
@@ -129,13 +139,16 @@ def hot_swap(work: Path, model_dir: Path, args: argparse.Namespace) -> dict:
     print(f"adapters: n={n} per module on {len(shapes)} modules, {len(files[0]) / 1024:.0f} KB each", flush=True)
     upload_s, upload_to_first_s, cold_s, resident_s = [], [], [], []
     with (
-        running_server(work, "--model", str(model_dir)) as server,
+        running_server(work, "--model", str(model_dir), "--torch-threads", str(args.server_threads)) as server,
         httpx.Client(base_url=server.base_url, timeout=120) as client,
     ):
         upload(client, "warmup", files[-1])
         first_token_s(client, "warmup")
-        with BackgroundStreams(server.base_url, args.background_streams, args.background_tokens) as background:
+        with BackgroundStreams(
+            server.base_url, args.background_streams, args.background_tokens, args.background_spread
+        ) as background:
             time.sleep(1.0)
+            tokens_before, measured_from = background.tokens, time.perf_counter()
             for index in range(args.uploads):
                 adapter_id = f"hot/a{index:04d}"
                 started = time.perf_counter()
@@ -146,7 +159,8 @@ def hot_swap(work: Path, model_dir: Path, args: argparse.Namespace) -> dict:
                 upload_to_first_s.append(uploaded - started + cold)
                 cold_s.append(cold)
                 resident_s.append(first_token_s(client, adapter_id))
-        background_tokens, background_errors = background.tokens, background.errors
+            background_rate = (background.tokens - tokens_before) / (time.perf_counter() - measured_from)
+        background_errors = background.errors
     ratio = statistics.median(cold_s) / statistics.median(resident_s)
     return {
         "adapter_bytes": len(files[0]),
@@ -154,13 +168,14 @@ def hot_swap(work: Path, model_dir: Path, args: argparse.Namespace) -> dict:
         "modules": len(shapes),
         "uploads": args.uploads,
         "background_streams": args.background_streams,
-        "background_tokens": background_tokens,
+        "background_tokens_per_s": round(background_rate, 1),
         "background_errors": background_errors,
         "upload_ms": summary_ms(upload_s),
         "upload_to_first_token_ms": summary_ms(upload_to_first_s),
         "ttft_never_used_ms": summary_ms(cold_s),
         "ttft_resident_ms": summary_ms(resident_s),
         "ttft_never_used_over_resident": round(ratio, 3),
+        "upload_to_first_token_samples_ms": [round(1000 * value, 2) for value in upload_to_first_s],
     }
 
 
@@ -250,10 +265,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--adapter-kb", type=int, default=256)
     parser.add_argument("--background-streams", type=int, default=16)
     parser.add_argument("--background-tokens", type=int, default=64)
+    parser.add_argument("--background-spread", type=int, default=7, help="stream i runs tokens + i * spread")
     parser.add_argument("--index-adapters", type=int, default=10_000)
     parser.add_argument("--lookups", type=int, default=20_000)
     parser.add_argument("--resident-adapters", type=int, default=2000)
     parser.add_argument("--resident-step", type=int, default=500)
+    parser.add_argument("--server-threads", type=int, default=0, help="the server's --torch-threads (0 = auto)")
     parser.add_argument("--max-load", type=float, default=0.5)
     parser.add_argument("--load-wait-s", type=float, default=300.0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/hot_swap.json"))
@@ -309,9 +326,7 @@ def main() -> None:
         "index": lookups,
         "resident_memory": memory,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

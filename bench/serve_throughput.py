@@ -39,7 +39,7 @@ from transformers.utils import logging as hf_logging
 from adapters_store import native
 from adapters_store.peft_format import to_peft_dir
 from adapters_store.store import AdapterStore
-from bench.common import cpu_model, load_1min, percentile, running_server, wait_for_quiet_machine
+from bench.common import cpu_model, load_1min, percentile, running_server, wait_for_quiet_machine, write_report
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine, EngineLimits, RequestHandle
 from server.engine.model_runner import ModelRunner
@@ -363,7 +363,17 @@ def http_scenario(
     names = list(files)
     began = time.perf_counter()
     adapter_args = [arg for name, path in files.items() for arg in ("--adapter", f"{name}={path}")]
-    serve_args = ("--model", str(model_dir), "--max-batch-size", str(len(texts)), *adapter_args)
+    # The same intra-op threads as the in-process scenarios, so (4) compares with (2).
+    threads = str(torch.get_num_threads())
+    serve_args = (
+        "--model",
+        str(model_dir),
+        "--max-batch-size",
+        str(len(texts)),
+        "--torch-threads",
+        threads,
+        *adapter_args,
+    )
     with running_server(work, *serve_args) as server:
         base_url = server.base_url
         start_s = time.perf_counter() - began
@@ -531,9 +541,7 @@ def main() -> None:
         "targets": {"model": LARGE_MODEL, **TARGETS},
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import time
@@ -28,7 +27,7 @@ from peft import FourierFTConfig
 from peft.tuners.fourierft.layer import FourierFTLinear
 from torch import nn
 
-from bench.common import cpu_model
+from bench.common import cpu_model, write_report
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
 from server.spectral.bank import AdapterBank, LayerTable
 from server.spectral.fourierft import delta_weight, peft_locations
@@ -342,9 +341,7 @@ def main() -> None:
         "targets": verdicts,
         "elapsed_s": elapsed,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ def serve(
     import_root: Annotated[
         Path | None, typer.Option(envvar="SPECTRA_IMPORT_ROOT", help="Dir /v1/load_lora_adapter may read; unset=off.")
     ] = None,
+    torch_threads: Annotated[
+        int, typer.Option(envvar="SPECTRA_TORCH_THREADS", help="Model CPU threads; 0 = cores - 1.")
+    ] = 0,
     log_level: Annotated[str, typer.Option(envvar="SPECTRA_LOG_LEVEL")] = "info",
 ) -> None:
     """Start the HTTP server."""
@@ -73,6 +76,7 @@ def serve(
             adapter_memory=adapter_memory,
             max_adapter_bytes=max_adapter_bytes,
             import_root=import_root,
+            torch_threads=torch_threads,
             log_level=log_level,
         )
     except ValidationError as error:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from adapters_store.store import AdapterStore, StoreLockedError
@@ -65,8 +67,16 @@ def build_engine(settings: ServerSettings) -> Engine:
     return Engine(runner, registry, limits, name)
 
 
+def torch_threads(requested: int) -> int:
+    """One core is left to the event loop, uploads and clients: with every core in torch's pool, its
+    spinning threads and the HTTP side take turns and first-token latency doubles (docs/engine.md)."""
+    return requested or max(1, (os.cpu_count() or 2) - 1)
+
+
 def serve(settings: ServerSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    torch.set_num_threads(torch_threads(settings.torch_threads))
+    logger.info("torch intra-op threads=%d", torch.get_num_threads())
     try:
         engine = build_engine(settings)
     except StoreLockedError as error:

@@ -43,3 +43,15 @@ def load_routed(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[to
     bank = AdapterBank()
     shapes = attach_routed_layers(model, bank)
     return model, bank, shapes
+
+
+def greedy_continuation(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy ``generate``: the oracle for the engine's tokens."""
+    with torch.no_grad():
+        output = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+        )
+    return output[0, len(prompt_ids) :].tolist()

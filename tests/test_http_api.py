@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-import torch
 from huggingface_hub import InferenceClient
 from openai import NotFoundError, OpenAI, RateLimitError
 from peft import PeftModel
 from transformers import AutoTokenizer
 
 from server.models.tokenizer import EOS_TOKEN, IM_END_TOKEN, special_token_id
-from tests.conftest import load_base
+from tests.conftest import greedy_continuation, load_base
 
 if TYPE_CHECKING:  # imported for real by pytest_plugins only, so that pytest can rewrite its asserts
     from tests.http_fixtures import Server
@@ -66,14 +65,7 @@ def peft_greedy(model_dir: Path, adapter_dir: Path | None, prompt: str, max_new_
     model = load_base(model_dir)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
-    with torch.no_grad():
-        output = model.generate(
-            torch.tensor([prompt_ids]),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-        )
-    return output[0, len(prompt_ids) :].tolist()
+    return greedy_continuation(model, prompt_ids, max_new_tokens)
 
 
 def read_sse_events(lines: Iterator[str], count: int) -> list[dict]:

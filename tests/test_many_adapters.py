@@ -22,7 +22,7 @@ from server.engine.model_runner import ModelRunner
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
 from server.spectral.dense import delta_weight
 from server.spectral.fourierft import peft_locations
-from tests.conftest import load_base
+from tests.conftest import greedy_continuation, load_base
 from tests.http_fixtures import start_server, stop_server
 
 ADAPTERS = 10_000
@@ -47,13 +47,7 @@ def _merged_greedy(model_dir: Path, adapter: SpectralAdapter, prompt_ids: list[i
     with torch.no_grad():
         for name in adapter.modules:
             model.get_submodule(name).weight += delta_weight(adapter, name)
-        output = model.generate(
-            torch.tensor([prompt_ids]),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=NEW_TOKENS,
-        )
-    return output[0, len(prompt_ids) :].tolist()
+    return greedy_continuation(model, prompt_ids, NEW_TOKENS)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 
 from server.spectral import fourierft, sdctft
 from server.spectral.adapter import ModuleSpectrum
-from server.spectral.transforms import dct2_ortho, dct_ortho, idct2_ortho, idct_ortho
+from server.spectral.transforms import dct2_ortho, dct_backward_scale, dct_ortho, idct2_ortho, idct_ortho
 
 
 def _random_spectrum(shape: tuple[int, int], n: int, seed: int = 0) -> ModuleSpectrum:
@@ -108,3 +108,15 @@ class TestSdctSelection:
     def test_rejects_bad_n(self) -> None:
         with pytest.raises(ValueError, match="n must be in"):
             sdctft.select_locations(self.weight, 48 * 40 + 1)
+
+
+def test_transforms_first_used_under_inference_mode_still_support_autograd() -> None:
+    """The engine serves under inference_mode; fine-tuning then needs gradients through the cached twiddles."""
+    length = 37  # a length no other test uses, so the caches are cold here
+    with torch.inference_mode():
+        dct_ortho(torch.randn(2, length))
+        idct_ortho(torch.randn(2, length))
+        dct_backward_scale(length, torch.device("cpu"))
+    x = torch.randn(2, length, requires_grad=True)
+    (idct_ortho(dct_ortho(x)) * dct_backward_scale(length, torch.device("cpu"))).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

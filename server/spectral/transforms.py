@@ -2,7 +2,9 @@
 
 torch has no DCT, so the orthonormal DCT-II and its inverse are computed with one
 length-L FFT plus a reordering and a twiddle (Makhoul, 1980). Twiddles are cached per
-(length, device) because every routed layer calls these on every forward.
+(length, device) because every routed layer calls these on every forward. They are built
+outside inference mode: the engine serves under ``torch.inference_mode`` and fine-tuning needs
+autograd through the same cached tensors.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 
 @lru_cache(maxsize=256)
+@torch.inference_mode(False)
 def _dct_twiddle(length: int, device: torch.device) -> torch.Tensor:
     k = torch.arange(length, dtype=torch.float64)
     twiddle = torch.exp(-1j * math.pi * k / (2 * length))
@@ -23,6 +26,7 @@ def _dct_twiddle(length: int, device: torch.device) -> torch.Tensor:
 
 
 @lru_cache(maxsize=256)
+@torch.inference_mode(False)
 def _idct_twiddle(length: int, device: torch.device) -> torch.Tensor:
     k = torch.arange(length, dtype=torch.float64)
     twiddle = torch.exp(1j * math.pi * k / (2 * length))
@@ -64,6 +68,7 @@ def idct2_ortho(matrix: torch.Tensor) -> torch.Tensor:
 
 
 @lru_cache(maxsize=256)
+@torch.inference_mode(False)
 def dct_backward_scale(length: int, device: torch.device) -> torch.Tensor:
     """``s_L`` with ``dct_unnormalised = dct_ortho * s_L``: [2 sqrt(L), sqrt(2L), sqrt(2L), ...]."""
     scale = torch.full((length,), math.sqrt(2.0 * length), dtype=torch.float32)
