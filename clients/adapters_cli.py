@@ -125,11 +125,19 @@ def _status(adapter: AdapterObject, reason: bool = False) -> Text:
 
 def _adapter_table(adapters: list[AdapterObject], title: str | None = None) -> Table:
     # Light borders leave room for an 80-column terminal (or a pipe, which rich takes as 80).
-    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
-    for column in ("id", "version", "method", "params", "size", "status", "created"):
-        # Ids fold rather than lose characters to an ellipsis: they are what users copy.
-        numeric = column in ("version", "params", "size")
-        table.add_column(column, justify="right" if numeric else "left", overflow="fold", no_wrap=column != "id")
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    id_width = min(40, max((len(adapter.id) for adapter in adapters), default=2))
+    for column in ("id", "ver", "method", "params", "size", "status", "created"):
+        # Ids fold rather than lose characters to an ellipsis (they are what users copy), and only past
+        # 40 characters.
+        numeric = column in ("ver", "params", "size")
+        table.add_column(
+            column,
+            justify="right" if numeric else "left",
+            overflow="fold",
+            no_wrap=column != "id",
+            min_width=id_width if column == "id" else None,
+        )
     for adapter in adapters:
         table.add_row(
             Text(adapter.id),
@@ -138,7 +146,7 @@ def _adapter_table(adapters: list[AdapterObject], title: str | None = None) -> T
             f"{adapter.n_params:,}",
             _size(adapter.size_bytes),
             _status(adapter),
-            _created(adapter.created_at, "%Y-%m-%d %H:%M"),
+            _created(adapter.created_at, "%m-%d %H:%M"),
         )
     return table
 

@@ -295,7 +295,7 @@ def test_cli_upload_list_show_download_delete(
     result = run(cli, "list", "--prefix", "sdk-")
     assert result.exit_code == 0, result.output
     header = result.stdout.splitlines()[0]
-    assert all(column in header for column in ("id", "version", "method", "params", "size", "status", "created"))
+    assert all(column in header for column in ("id", "ver", "method", "params", "size", "status", "created"))
     row = next(line for line in result.stdout.splitlines() if "sdk-cli" in line)
     assert " 2 " in row and "fourierft" in row and f"{uploaded.n_params:,}" in row and "ready (pinned)" in row
     page = AdapterList.model_validate_json(run(cli, "list", "--prefix", "sdk-", "--json").stdout)
