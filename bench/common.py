@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import os
 import socket
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_TIMEOUT_S = 300.0
@@ -111,3 +114,17 @@ def write_report(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def report_header(benchmark: str, args: argparse.Namespace, load_at_start: float, began: float) -> dict:
+    """What every JSON report starts with: when, where, how loaded the machine was, with which arguments."""
+    return {
+        "benchmark": benchmark,
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "load_1min": {"start": load_at_start, "end": load_1min()},
+        "runtime_s": round(time.perf_counter() - began, 1),
+        "params": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+    }

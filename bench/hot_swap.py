@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import hashlib
 import random
 import statistics
@@ -35,8 +34,8 @@ from adapters_store import native
 from adapters_store.store import AdapterStore
 from bench.common import (
     cpu_model,
-    load_1min,
     percentile,
+    report_header,
     rss_bytes,
     running_server,
     wait_for_quiet_machine,
@@ -310,14 +309,7 @@ def main() -> None:
             f"{memory['coefficient_bytes_per_1000_adapters'] / 2**20:.1f} MiB: x{memory['rss_over_coefficient_bytes']}"
         )
     report = {
-        "benchmark": "hot_swap",
-        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": cpu_model(),
-        "load_1min": {"start": load_at_start, "end": load_1min()},
-        "runtime_s": round(time.perf_counter() - began, 1),
-        "params": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        **report_header("hot_swap", args, load_at_start, began),
         "targets": {
             "upload_to_first_token_p99_ms": TARGET_UPLOAD_TO_FIRST_TOKEN_P99_MS,
             "ttft_never_used_over_resident": TARGET_COLD_OVER_RESIDENT_TTFT,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import gc
 import json
 import math
@@ -39,7 +38,15 @@ from transformers.utils import logging as hf_logging
 from adapters_store import native
 from adapters_store.peft_format import to_peft_dir
 from adapters_store.store import AdapterStore
-from bench.common import cpu_model, load_1min, percentile, running_server, wait_for_quiet_machine, write_report
+from bench.common import (
+    cpu_model,
+    load_1min,
+    percentile,
+    report_header,
+    running_server,
+    wait_for_quiet_machine,
+    write_report,
+)
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine, EngineLimits, RequestHandle
 from server.engine.model_runner import ModelRunner
@@ -523,14 +530,7 @@ def main() -> None:
     load_at_end = load_1min()
     print(f"\nload (1 min) at start {load_at_start:.2f}, at end {load_at_end:.2f}; {time.perf_counter() - began:.0f}s")
     report = {
-        "benchmark": "serve_throughput",
-        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": cpu_model(),
-        "load_1min": {"start": load_at_start, "end": load_at_end},
-        "runtime_s": round(time.perf_counter() - began, 1),
-        "params": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        **report_header("serve_throughput", args, load_at_start, began),
         "adapters": {
             "method": "fourierft",
             "n_frequency": N_FREQUENCY,
