@@ -59,16 +59,15 @@ def spectral_delta(x: torch.Tensor, table: LayerTable, routing: Routing) -> torc
     into output features (decode, sparse adapters), or scatter the entries once into a dense
     mixing matrix and multiply (prefill of dense adapters); then inverse transform.
     """
+    index = routing.adapter_rows
+    if index is None:
+        return _delta_rows(x, table, routing, None)
     rows, per_row = routing.inverse.shape[0], routing.tokens_per_row
-    active = (routing.unique_slots[routing.inverse] != 0).any(dim=1)
-    if not bool(active.all()):
-        result = x.new_zeros(rows, per_row, table.shape[0], dtype=torch.float32)
-        if bool(active.any()):
-            index = active.nonzero().squeeze(1)
-            subset = x.view(rows, per_row, -1)[index].reshape(-1, x.shape[-1])
-            result[index] = _delta_rows(subset, table, routing, index).view(len(index), per_row, -1)
-        return result.view(rows * per_row, -1)
-    return _delta_rows(x, table, routing, None)
+    result = x.new_zeros(rows, per_row, table.shape[0], dtype=torch.float32)
+    if index.numel():
+        subset = x.view(rows, per_row, -1)[index].reshape(-1, x.shape[-1])
+        result[index] = _delta_rows(subset, table, routing, index).view(len(index), per_row, -1)
+    return result.view(rows * per_row, -1)
 
 
 def _delta_rows(x: torch.Tensor, table: LayerTable, routing: Routing, row_index: torch.Tensor | None) -> torch.Tensor:

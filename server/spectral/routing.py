@@ -38,6 +38,7 @@ class Routing:
     inverse: torch.Tensor
     weights: torch.Tensor | None
     tokens_per_row: int
+    adapter_rows: torch.Tensor | None  # rows with some slot != 0; None when that is every row
     needs_fourier: bool
     needs_dct: bool
     trainable: TrainableSpectrum | None
@@ -81,12 +82,15 @@ def build_routing(
     flat_weights = None
     if weights is not None:
         flat_weights = weights.reshape(-1, blend_width).to(device=device, dtype=torch.float32)
+    with_adapter = (unique_slots[inverse] != 0).any(dim=1)
+    adapter_rows = None if bool(with_adapter.all()) else with_adapter.nonzero().squeeze(1)
     return Routing(
         unique_slots=unique_slots,
         unique_slot_list=unique_slot_list,
         inverse=inverse,
         weights=flat_weights,
         tokens_per_row=tokens_per_row,
+        adapter_rows=adapter_rows,
         needs_fourier="fourierft" in methods,
         needs_dct="sdctft" in methods,
         trainable=trainable,
