@@ -44,6 +44,10 @@ def serve(
     max_adapter_bytes: Annotated[
         str, typer.Option(envvar="SPECTRA_MAX_ADAPTER_BYTES", help="Largest adapter file accepted, e.g. 64MiB.")
     ] = "64MiB",
+    max_training_file_bytes: Annotated[
+        str,
+        typer.Option(envvar="SPECTRA_MAX_TRAINING_FILE_BYTES", help="Largest training file accepted, e.g. 100MiB."),
+    ] = "100MiB",
     import_root: Annotated[
         Path | None, typer.Option(envvar="SPECTRA_IMPORT_ROOT", help="Dir /v1/load_lora_adapter may read; unset=off.")
     ] = None,
@@ -75,6 +79,7 @@ def serve(
             adapters=_parse_adapters(adapter or []),
             adapter_memory=adapter_memory,
             max_adapter_bytes=max_adapter_bytes,
+            max_training_file_bytes=max_training_file_bytes,
             import_root=import_root,
             torch_threads=torch_threads,
             log_level=log_level,

@@ -1,4 +1,4 @@
-"""Build the model runner, adapter registry, engine and app from settings, and run uvicorn."""
+"""Build the model runner, adapter registry, engine, file store and app from settings, and run uvicorn."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from adapters_store.files import FileStore
 from adapters_store.store import AdapterStore, StoreLockedError
 from adapters_store.uploads import read_path
 from server.engine.adapters import AdapterRegistry
@@ -79,6 +80,7 @@ def serve(settings: ServerSettings) -> None:
     logger.info("torch intra-op threads=%d", torch.get_num_threads())
     try:
         engine = build_engine(settings)
+        files = FileStore(settings.data_dir / "files")
     except StoreLockedError as error:
         logger.error("%s; stop it or use another --data-dir", error)
         raise SystemExit(1) from error
@@ -87,6 +89,8 @@ def serve(settings: ServerSettings) -> None:
     try:
         from server.api.app import create_app
 
-        uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+        app = create_app(engine, settings, files=files)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     finally:
         engine.stop()
+        files.close()

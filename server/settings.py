@@ -25,6 +25,7 @@ class ServerSettings(BaseModel):
     adapters: dict[str, Path] = Field(default_factory=dict, description="NAME=PATH adapters stored at start")
     adapter_memory: ByteSize = Field(ByteSize(3 << 30), description="bank bytes for resident adapters (LRU beyond)")
     max_adapter_bytes: ByteSize = Field(ByteSize(64 << 20), description="largest adapter upload accepted")
+    max_training_file_bytes: ByteSize = Field(ByteSize(100 << 20), description="largest training file accepted")
     import_root: Path | None = Field(None, description="directory /v1/load_lora_adapter may read from; None = off")
     torch_threads: int = Field(0, ge=0, description="intra-op CPU threads for the model; 0 = CPU cores - 1 (min 1)")
     log_level: str = "info"

@@ -7,14 +7,16 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 
+from adapters_store.files import FileStore
 from server.api.body_limit import BodySizeLimitMiddleware
 from server.api.deps import get_engine
 from server.api.errors import install_error_handlers
 from server.api.routes import adapters, generate, health, openai, vllm
+from server.api.routes import files as file_routes
 from server.engine.engine import Engine
 from server.settings import ServerSettings
 
-# Generation and JSON bodies; uploads get --max-adapter-bytes plus room for two files' multipart framing.
+# Generation and JSON bodies; uploads get their file limit (two files for adapters) plus room for multipart framing.
 DEFAULT_BODY_LIMIT = 4 << 20
 MULTIPART_SLACK = 1 << 20
 
@@ -28,10 +30,10 @@ def _version() -> str:
         return "0+unknown"
 
 
-def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
+def create_app(engine: Engine, settings: ServerSettings | None = None, *, files: FileStore) -> FastAPI:
     """Routes for TGI/LoRAX (``/generate``...), OpenAI (``/v1/...``), ``/health`` and ``/info``.
 
-    The caller owns the engine's lifecycle (start before serving, stop after).
+    The caller owns the engine's lifecycle (start before serving, stop after) and the file store's.
     """
     app = FastAPI(
         title="Spectra",
@@ -41,17 +43,20 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     settings = settings or ServerSettings()
     app.state.engine = engine
     app.state.settings = settings
+    app.state.files = files
     # /v1/models needs a "created" time; the adapters' own times are not tracked, so the server start stands in.
     app.state.created = int(time.time())
-    upload_limit = 2 * settings.max_adapter_bytes + MULTIPART_SLACK
+    limits_by_path = {
+        "/v1/adapters": 2 * settings.max_adapter_bytes + MULTIPART_SLACK,
+        "/v1/files": settings.max_training_file_bytes + MULTIPART_SLACK,
+    }
     # Added before the error handlers so the catch-all middleware wraps it.
-    app.add_middleware(
-        BodySizeLimitMiddleware, default_limit=DEFAULT_BODY_LIMIT, limits_by_path={"/v1/adapters": upload_limit}
-    )
+    app.add_middleware(BodySizeLimitMiddleware, default_limit=DEFAULT_BODY_LIMIT, limits_by_path=limits_by_path)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(openai.router)
     app.include_router(adapters.router)
+    app.include_router(file_routes.router)
     app.include_router(vllm.router)
     return app

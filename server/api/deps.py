@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from adapters_store.files import FileStore
 from server.engine.engine import Engine
 from server.settings import ServerSettings
 
@@ -18,5 +19,10 @@ def get_settings(request: Request) -> ServerSettings:
     return request.app.state.settings
 
 
+def get_files(request: Request) -> FileStore:
+    return request.app.state.files
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
+FilesDep = Annotated[FileStore, Depends(get_files)]

@@ -17,9 +17,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters_store.errors import AdapterFormatError
+from adapters_store.files import FileBrokenError
 from adapters_store.ids import InvalidAdapterIdError
 from server.api.schemas.common import ErrorBody, ErrorResponse
 from server.engine.types import EngineError
+from server.finetune.data import TrainingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,15 @@ async def _adapter_file_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.message, exc.status_code, param="file")
 
 
+async def _training_file_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TrainingFileError)
+    return error_response(exc.message, exc.status_code, param="file")
+
+
+async def _file_broken_error(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(str(exc), 409, param="file_id")
+
+
 async def _adapter_id_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(str(exc), 422, param="adapter_id")
 
@@ -141,6 +152,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(EngineError, _engine_error)
     app.add_exception_handler(AdapterFormatError, _adapter_file_error)
     app.add_exception_handler(InvalidAdapterIdError, _adapter_id_error)
+    app.add_exception_handler(TrainingFileError, _training_file_error)
+    app.add_exception_handler(FileBrokenError, _file_broken_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(CatchAllMiddleware)

@@ -2,8 +2,13 @@
 
 One engine thread owns the model. Each iteration it (1) drops cancelled rows, (2) prefills
 arrivals within a token budget, so a running batch waits for at most one budget of prefill
-work, and (3) runs one decode step for every running row. Rows join and leave the batch KV
-cache between iterations (see docs/engine.md).
+work, (3) runs one decode step for every running row, and (4) may run one fine-tuning
+micro-step. Rows join and leave the batch KV cache between iterations (see docs/engine.md).
+
+Training shares the model under a serving-first policy: while requests wait or run, a
+micro-step of duration ``d`` is followed by at least ``d * (1 - share) / share`` of serving
+before the next one, so training gets at most ``share`` of the engine's time and no request
+waits more than one micro-step; with no requests, micro-steps run back to back.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version as installed_version
 
@@ -25,6 +30,7 @@ from server.engine.adapters import AdapterLease, AdapterRegistry
 from server.engine.model_runner import ModelRunner, StepInputs
 from server.engine.sampling import sample_row
 from server.engine.types import (
+    EngineStoppedError,
     FinishEvent,
     FinishReason,
     GenerationRequest,
@@ -45,6 +51,15 @@ class EngineLimits:
     max_new_tokens_default: int = 64
     prefill_token_budget: int = 512
     max_blend_adapters: int = 8
+    training_share: float = 0.3
+
+
+@dataclass(eq=False)
+class _TrainingTask:
+    work: Callable[[], object]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: object = None
+    error: BaseException | None = None
 
 
 class RequestHandle:
@@ -118,6 +133,8 @@ class Engine:
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
         self._wakeup = threading.Condition()
+        self._training: deque[_TrainingTask] = deque()
+        self._training_due_at = 0.0
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="spectra-engine", daemon=True)
         self._ready = False
@@ -133,6 +150,22 @@ class Engine:
             self._wakeup.notify()
         self._thread.join(timeout=30)
         self._ready = False
+
+    def run_training(self, work: Callable[[], object]) -> object:
+        """Run ``work`` (one fine-tuning micro-step) on the engine thread under the serving-first policy.
+
+        Blocks the calling (job) thread until it ran; re-raises what ``work`` raised.
+        """
+        task = _TrainingTask(work)
+        with self._wakeup:
+            if self._stopping:
+                raise EngineStoppedError("the engine is stopping")
+            self._training.append(task)
+            self._wakeup.notify()
+        task.done.wait()
+        if task.error is not None:
+            raise task.error
+        return task.result
 
     def is_ready(self) -> bool:
         return self._ready and self._thread.is_alive()
@@ -222,7 +255,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wakeup:
-                while not (self._stopping or self._waiting or self._prefilling or self._running):
+                while not (self._stopping or self._serving_work() or self._training):
                     self._wakeup.wait()
                 if self._stopping:
                     break
@@ -231,7 +264,12 @@ class Engine:
             except Exception:
                 logger.exception("engine step failed; failing the batch")
                 self._fail_all()
+            self._train_if_due()
         self._fail_all()
+        self._fail_training()
+
+    def _serving_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running)
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -239,6 +277,29 @@ class Engine:
         self._prefill()
         if self._running:
             self._decode()
+
+    def _train_if_due(self) -> None:
+        with self._wakeup:
+            if not self._training or (self._serving_work() and time.monotonic() < self._training_due_at):
+                return
+            task = self._training.popleft()
+        started = time.monotonic()
+        try:
+            task.result = task.work()
+        except BaseException as error:
+            task.error = error
+        finally:
+            ended = time.monotonic()
+            share = self.limits.training_share
+            self._training_due_at = ended + (ended - started) * (1 - share) / share
+            task.done.set()
+
+    def _fail_training(self) -> None:
+        with self._wakeup:
+            tasks, self._training = list(self._training), deque()
+        for task in tasks:
+            task.error = EngineStoppedError("the engine stopped before this training step ran")
+            task.done.set()
 
     def _admit(self) -> None:
         with self._wakeup:

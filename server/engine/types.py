@@ -38,6 +38,11 @@ class QueueFullError(EngineError):
         self.retry_after_seconds = retry_after_seconds
 
 
+class EngineStoppedError(EngineError):
+    status_code = 503
+    error_type = "unavailable_error"
+
+
 class EngineNotReadyError(EngineError):
     status_code = 503
     error_type = "unavailable_error"

@@ -1,0 +1,268 @@
+"""SQLite (WAL, synchronous=FULL) persistence of fine-tuning jobs, their events and checkpoints.
+
+Every state change is committed before the API reports it, so a restart finds each job where
+its last acknowledged change left it (docs/finetuning.md, "Restarts").
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    model TEXT NOT NULL,
+    training_file TEXT NOT NULL,
+    validation_file TEXT,
+    suffix TEXT,
+    seed INTEGER NOT NULL,
+    adapter_id TEXT NOT NULL,
+    request TEXT NOT NULL,
+    hyperparameters TEXT,
+    adapter TEXT,
+    fine_tuned_model TEXT,
+    trained_tokens INTEGER,
+    error TEXT,
+    started_at INTEGER,
+    finished_at INTEGER,
+    estimated_finish INTEGER,
+    step INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS job_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    level TEXT NOT NULL,
+    type TEXT NOT NULL,
+    message TEXT NOT NULL,
+    data TEXT
+);
+CREATE INDEX IF NOT EXISTS job_events_job ON job_events (job_id, seq);
+CREATE TABLE IF NOT EXISTS job_checkpoints (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    adapter_version INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    state_path TEXT
+);
+CREATE INDEX IF NOT EXISTS job_checkpoints_job ON job_checkpoints (job_id, step);
+"""
+
+_JSON_COLUMNS = ("request", "hyperparameters", "adapter", "error")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    created_at: int
+    status: JobStatus
+    model: str
+    training_file: str
+    validation_file: str | None
+    suffix: str | None
+    seed: int
+    adapter_id: str
+    request: dict[str, Any]
+    hyperparameters: dict[str, Any] | None
+    adapter: dict[str, Any] | None
+    fine_tuned_model: str | None
+    trained_tokens: int | None
+    error: dict[str, Any] | None
+    started_at: int | None
+    finished_at: int | None
+    estimated_finish: int | None
+    step: int
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    seq: int
+    job_id: str
+    created_at: int
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any] | None
+
+    @property
+    def id(self) -> str:
+        return f"ftevent-{self.seq:012d}"
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    id: str
+    job_id: str
+    created_at: int
+    step: int
+    adapter_version: int
+    metrics: dict[str, Any]
+    state_path: str | None
+
+
+def _decode(row: sqlite3.Row, json_columns: tuple[str, ...]) -> dict[str, Any]:
+    values = dict(row)
+    for column in json_columns:
+        if values.get(column) is not None:
+            values[column] = json.loads(values[column])
+    return values
+
+
+class JobStore:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._connection.row_factory = sqlite3.Row
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._connection.execute("PRAGMA synchronous=FULL")
+        self._connection.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    def _execute(self, sql: str, parameters: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._connection.execute(sql, parameters)
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def insert_job(
+        self,
+        *,
+        job_id: str,
+        model: str,
+        training_file: str,
+        validation_file: str | None,
+        suffix: str | None,
+        seed: int,
+        adapter_id: str,
+        request: dict[str, Any],
+    ) -> JobRecord:
+        self._execute(
+            "INSERT INTO jobs (id, created_at, status, model, training_file, validation_file, suffix, seed, "
+            "adapter_id, request) VALUES (?, ?, 'validating_files', ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job_id,
+                int(time.time()),
+                model,
+                training_file,
+                validation_file,
+                suffix,
+                seed,
+                adapter_id,
+                json.dumps(request, sort_keys=True),
+            ),
+        )
+        job = self.get_job(job_id)
+        assert job is not None
+        return job
+
+    def update_job(self, job_id: str, **fields: Any) -> JobRecord:
+        """Set ``fields`` (JSON columns take dicts) in one committed statement."""
+        values = [
+            json.dumps(value, sort_keys=True) if key in _JSON_COLUMNS and value is not None else value
+            for key, value in fields.items()
+        ]
+        assignments = ", ".join(f"{key} = ?" for key in fields)
+        self._execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values, job_id))
+        job = self.get_job(job_id)
+        assert job is not None
+        return job
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        row = self._execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return JobRecord(**_decode(row, _JSON_COLUMNS)) if row else None
+
+    def list_jobs(self, *, after: str | None = None, limit: int = 20) -> list[JobRecord]:
+        """Newest first; ``after`` is the last job id of the previous page."""
+        if after is None:
+            rows = self._execute("SELECT * FROM jobs ORDER BY created_at DESC, id DESC LIMIT ?", (limit,)).fetchall()
+        else:
+            rows = self._execute(
+                "SELECT * FROM jobs WHERE (created_at, id) < (SELECT created_at, id FROM jobs WHERE id = ?) "
+                "ORDER BY created_at DESC, id DESC LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [JobRecord(**_decode(row, _JSON_COLUMNS)) for row in rows]
+
+    def jobs_with_status(self, *statuses: str) -> list[JobRecord]:
+        placeholders = ", ".join("?" for _ in statuses)
+        rows = self._execute(
+            f"SELECT * FROM jobs WHERE status IN ({placeholders}) ORDER BY created_at, rowid", statuses
+        ).fetchall()
+        return [JobRecord(**_decode(row, _JSON_COLUMNS)) for row in rows]
+
+    def count_by_status(self) -> dict[str, int]:
+        rows = self._execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
+        return {row["status"]: row["n"] for row in rows}
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def add_event(
+        self, job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None
+    ) -> EventRecord:
+        created = int(time.time())
+        cursor = self._execute(
+            "INSERT INTO job_events (job_id, created_at, level, type, message, data) VALUES (?, ?, ?, ?, ?, ?)",
+            (job_id, created, level, type, message, None if data is None else json.dumps(data)),
+        )
+        return EventRecord(int(cursor.lastrowid or 0), job_id, created, level, type, message, data)
+
+    def events(self, job_id: str, *, after: str | None = None, limit: int = 20) -> list[EventRecord]:
+        """Newest first (OpenAI's order); ``after`` is the last event id of the previous page."""
+        before = int(after.rsplit("-", 1)[-1]) if after else None
+        rows = self._execute(
+            "SELECT * FROM job_events WHERE job_id = ? AND (? IS NULL OR seq < ?) ORDER BY seq DESC LIMIT ?",
+            (job_id, before, before, limit),
+        ).fetchall()
+        return [EventRecord(**_decode(row, ("data",))) for row in rows]
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def add_checkpoint(
+        self, job_id: str, *, step: int, adapter_version: int, metrics: dict[str, Any], state_path: str | None
+    ) -> CheckpointRecord:
+        record = CheckpointRecord(
+            new_id("ftckpt"), job_id, int(time.time()), step, adapter_version, metrics, state_path
+        )
+        self._execute(
+            "INSERT INTO job_checkpoints (id, job_id, created_at, step, adapter_version, metrics, state_path) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (record.id, job_id, record.created_at, step, adapter_version, json.dumps(metrics), state_path),
+        )
+        return record
+
+    def checkpoints(self, job_id: str) -> list[CheckpointRecord]:
+        """Newest (highest step) first."""
+        rows = self._execute("SELECT * FROM job_checkpoints WHERE job_id = ? ORDER BY step DESC", (job_id,)).fetchall()
+        return [CheckpointRecord(**_decode(row, ("metrics",))) for row in rows]
+
+    def delete_checkpoint(self, checkpoint_id: str) -> None:
+        self._execute("DELETE FROM job_checkpoints WHERE id = ?", (checkpoint_id,))
+
+    def clear_state_paths(self, job_id: str) -> None:
+        self._execute("UPDATE job_checkpoints SET state_path = NULL WHERE job_id = ?", (job_id,))

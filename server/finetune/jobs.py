@@ -1,0 +1,524 @@
+"""Fine-tuning jobs: validation, a FIFO of queued jobs, training on the served model, checkpoints.
+
+Each job has one thread. It validates the files (``validating_files``), waits its turn in the
+queue (``queued``; at most ``max_concurrent_jobs`` train at once), then trains (``running``):
+every micro-step runs on the engine thread through :meth:`Engine.run_training`, the optimizer
+step and the bookkeeping here. Checkpoints, one per epoch and the last three kept, are stored
+adapter versions of the job's adapter id plus a file of the optimizer state, so a job whose
+server restarted resumes from its last checkpoint exactly. A job that does not succeed leaves
+no adapter versions behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import load_file, save
+
+from adapters_store.files import FileStore
+from adapters_store.ids import validate_adapter_id
+from server.engine.engine import Engine
+from server.engine.types import EngineError, EngineStoppedError, UnknownAdapterError
+from server.finetune.data import TrainingExample, TrainingFileError, parse_training_file
+from server.finetune.hyperparameters import (
+    AdapterSpec,
+    HyperparameterError,
+    TrainingPlan,
+    resolve_adapter,
+    resolve_plan,
+)
+from server.finetune.job_store import CheckpointRecord, JobRecord, JobStore, new_id
+from server.finetune.trainer import (
+    LossSum,
+    NonFiniteLossError,
+    SpectralTrainer,
+    batch_indices,
+    initial_adapter,
+    micro_batches,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CHECKPOINTS_KEPT = 3
+CANCEL_WAIT_SECONDS = 30.0
+
+
+class JobNotFoundError(EngineError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class JobConflictError(EngineError):
+    status_code = 409
+
+
+class JobCancelledError(Exception):
+    """Raised inside a job thread when its cancel flag is seen."""
+
+
+class ResumeError(RuntimeError):
+    """A job interrupted by a restart whose checkpoint cannot be continued from."""
+
+
+@dataclass(frozen=True)
+class FinetuneLimits:
+    max_concurrent_jobs: int = 1
+    micro_batch_tokens: int = 2048
+
+
+@dataclass
+class _LiveJob:
+    cancel: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    trainer: SpectralTrainer | None = None
+    last_loss: float | None = None
+
+
+def _short(job_id: str) -> str:
+    return job_id.removeprefix("ftjob-")[:8]
+
+
+def adapter_id_for(job_id: str, suffix: str | None) -> str:
+    """``ft-<suffix>-<8 hex of the job id>``: says where the adapter came from, within the store's id rules."""
+    return validate_adapter_id(f"ft-{suffix}-{_short(job_id)}" if suffix else f"ft-{_short(job_id)}")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _trained_tokens(examples: list[TrainingExample]) -> int:
+    """Tokens whose prediction is trained (the first token is never predicted)."""
+    return sum(sum(example.loss_mask[1:]) for example in examples)
+
+
+class JobManager:
+    def __init__(self, engine: Engine, files: FileStore, store: JobStore, state_dir: Path, limits: FinetuneLimits):
+        self.engine = engine
+        self.files = files
+        self.store = store
+        self.state_dir = state_dir
+        self.limits = limits
+        self._live: dict[str, _LiveJob] = {}
+        self._turn = threading.Condition()
+        self._queue: list[str] = []
+        self._running: set[str] = set()
+        self._stopping = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Pick up what the last process left: running jobs resume first, then queued and validating ones."""
+        for job in self.store.jobs_with_status("running"):
+            self._launch(job.id, resumed=True)
+        for job in self.store.jobs_with_status("queued", "validating_files"):
+            self._launch(job.id, resumed=False)
+
+    def stop(self) -> None:
+        with self._turn:
+            self._stopping = True
+            self._turn.notify_all()
+
+    def _launch(self, job_id: str, *, resumed: bool) -> None:
+        self._live[job_id] = _LiveJob()
+        threading.Thread(target=self._run, args=(job_id, resumed), name=f"finetune-{job_id}", daemon=True).start()
+
+    # -- API --------------------------------------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        model: str,
+        training_file: str,
+        validation_file: str | None,
+        suffix: str | None,
+        seed: int | None,
+        hyperparameters: dict[str, Any],
+        adapter: dict[str, Any],
+    ) -> JobRecord:
+        if model != self.engine.model_name:
+            raise UnknownAdapterError(
+                f"model {model!r} is not served here; fine-tune the served base model {self.engine.model_name!r}",
+                param="model",
+            )
+        for param, file_id in (("training_file", training_file), ("validation_file", validation_file)):
+            if file_id is not None:
+                self._training_file_record(file_id, param)
+        job_id = new_id("ftjob")
+        seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") % (1 << 31)
+        spec = self._adapter_spec(adapter, seed)
+        adapter_id = adapter_id_for(job_id, suffix)
+        job = self.store.insert_job(
+            job_id=job_id,
+            model=model,
+            training_file=training_file,
+            validation_file=validation_file,
+            suffix=suffix,
+            seed=seed,
+            adapter_id=adapter_id,
+            request={"hyperparameters": hyperparameters, "adapter": adapter},
+        )
+        job = self.store.update_job(job_id, adapter=spec.as_dict())
+        self.store.add_event(job_id, f"Created fine-tuning job {job_id}")
+        logger.info("finetune job created id=%s method=%s adapter_id=%s", job_id, spec.method, adapter_id)
+        self._launch(job_id, resumed=False)
+        return job
+
+    def get(self, job_id: str) -> JobRecord:
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise JobNotFoundError(f"fine-tuning job {job_id!r} not found", param="fine_tuning_job_id")
+        return job
+
+    def cancel(self, job_id: str) -> JobRecord:
+        job = self.get(job_id)
+        if job.terminal:
+            raise JobConflictError(f"job {job_id} is already {job.status}; only unfinished jobs can be cancelled")
+        live = self._live.get(job_id)
+        if live is None:
+            return self._finish(job_id, "cancelled", message="Fine-tuning job cancelled")
+        live.cancel.set()
+        with self._turn:
+            self._turn.notify_all()
+        live.finished.wait(CANCEL_WAIT_SECONDS)
+        return self.get(job_id)
+
+    def checkpoints(self, job_id: str) -> list[CheckpointRecord]:
+        self.get(job_id)
+        return self.store.checkpoints(job_id)
+
+    def status_counts(self) -> dict[str, int]:
+        return self.store.count_by_status()
+
+    def training_bytes(self) -> int:
+        return sum(live.trainer.state_bytes for live in self._live.values() if live.trainer is not None)
+
+    def last_losses(self) -> dict[str, float]:
+        return {job_id: live.last_loss for job_id, live in self._live.items() if live.last_loss is not None}
+
+    # -- validation -------------------------------------------------------------------------------
+
+    def _training_file_record(self, file_id: str, param: str):
+        record = self.files.get(file_id)
+        if record is None:
+            raise UnknownAdapterError(f"file {file_id!r} not found", param=param)
+        if record.purpose != "fine-tune":
+            raise HyperparameterError(f"file {file_id} has purpose {record.purpose!r}, not 'fine-tune'", param=param)
+        if record.broken:
+            raise JobConflictError(f"file {file_id} is broken ({record.broken}); upload it again", param=param)
+        return record
+
+    def _adapter_spec(self, adapter: dict[str, Any], seed: int) -> AdapterSpec:
+        runner = self.engine.runner
+        return resolve_adapter(
+            method=adapter.get("type", "fourierft"),
+            n_frequency=adapter.get("n_frequency"),
+            scaling=adapter.get("scaling"),
+            target_modules=adapter.get("target_modules"),
+            init=adapter.get("init"),
+            norm=adapter.get("norm"),
+            delta=adapter.get("delta"),
+            seed=seed,
+            module_shapes=runner.module_shapes,
+            model_type=runner.model.config.model_type,
+        )
+
+    def _examples(self, file_id: str, param: str) -> list[TrainingExample]:
+        record = self._training_file_record(file_id, param)
+        try:
+            return parse_training_file(
+                self.files.read(record),
+                self.engine.tokenizer,
+                max_tokens=self.engine.limits.max_total_tokens,
+                end_token_ids=self.engine.runner.eos_token_ids,
+            )
+        except TrainingFileError as error:
+            raise HyperparameterError(f"{param} {file_id}: {error}", param=param) from error
+
+    def _validate(self, job: JobRecord) -> tuple[list[TrainingExample], list[TrainingExample], TrainingPlan]:
+        training = self._examples(job.training_file, "training_file")
+        validation = self._examples(job.validation_file, "validation_file") if job.validation_file else []
+        if job.hyperparameters is not None:
+            return training, validation, TrainingPlan.from_dict(job.hyperparameters)
+        requested = job.request["hyperparameters"]
+        plan = resolve_plan(
+            n_examples=len(training),
+            n_epochs=requested.get("n_epochs", "auto"),
+            batch_size=requested.get("batch_size", "auto"),
+            learning_rate_multiplier=requested.get("learning_rate_multiplier", "auto"),
+            micro_batch_tokens=self.limits.micro_batch_tokens,
+        )
+        self.store.update_job(job.id, hyperparameters=plan.as_dict())
+        return training, validation, plan
+
+    # -- the job thread ---------------------------------------------------------------------------
+
+    def _run(self, job_id: str, resumed: bool) -> None:
+        live = self._live[job_id]
+        try:
+            job = self.get(job_id)
+            if job.status == "validating_files":
+                self.store.add_event(job_id, f"Validating training file: {job.training_file}")
+            training, validation, plan = self._validate(job)
+            if job.status == "validating_files":
+                self.store.update_job(job_id, status="queued")
+                self.store.add_event(job_id, "Files validated, moving job to queued state")
+            self._wait_turn(job_id, live, first=resumed)
+            try:
+                self._train(self.get(job_id), live, training, validation, plan, resumed)
+            finally:
+                with self._turn:
+                    self._running.discard(job_id)
+                    self._turn.notify_all()
+        except JobCancelledError:
+            self._discard_outputs(job_id)
+            self._finish(job_id, "cancelled", message="Fine-tuning job cancelled")
+        except EngineStoppedError:
+            logger.info("finetune job interrupted by shutdown id=%s; it resumes on restart", job_id)
+        except NonFiniteLossError as error:
+            self._fail(job_id, "non_finite_loss", str(error), None)
+        except ResumeError as error:
+            self._fail(job_id, "resume_failed", str(error), None)
+        except HyperparameterError as error:
+            self._fail(job_id, "invalid_request", error.message, error.param)
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            self._fail(job_id, "out_of_memory", f"out of memory while training: {error}", None)
+        except Exception as error:
+            logger.exception("finetune job failed id=%s", job_id)
+            self._fail(job_id, "internal_error", f"{type(error).__name__}: {error}", None)
+        finally:
+            if live.trainer is not None:
+                live.trainer.close()
+                live.trainer = None
+            live.finished.set()
+            self._live.pop(job_id, None)
+
+    def _wait_turn(self, job_id: str, live: _LiveJob, *, first: bool) -> None:
+        with self._turn:
+            if first:
+                self._queue.insert(0, job_id)
+            else:
+                self._queue.append(job_id)
+            try:
+                while not (
+                    live.cancel.is_set()
+                    or self._stopping
+                    or (self._queue[0] == job_id and len(self._running) < self.limits.max_concurrent_jobs)
+                ):
+                    self._turn.wait()
+            finally:
+                self._queue.remove(job_id)
+                self._turn.notify_all()
+            if live.cancel.is_set():
+                raise JobCancelledError
+            if self._stopping:
+                raise EngineStoppedError("the server is stopping")
+            self._running.add(job_id)
+
+    def _engine_step(self, live: _LiveJob, work: Callable[[], T]) -> T:
+        if live.cancel.is_set():
+            raise JobCancelledError
+        return self.engine.run_training(work)  # type: ignore[return-value]
+
+    def _train(
+        self,
+        job: JobRecord,
+        live: _LiveJob,
+        training: list[TrainingExample],
+        validation: list[TrainingExample],
+        plan: TrainingPlan,
+        resumed: bool,
+    ) -> None:
+        runner = self.engine.runner
+        assert job.adapter is not None
+        spec = AdapterSpec(**{**job.adapter, "target_modules": tuple(job.adapter["target_modules"])})
+        trainer = SpectralTrainer(
+            runner.model,
+            runner.bank,
+            initial_adapter(runner.model, runner.module_shapes, spec, runner.architecture),
+            plan,
+            runner.pad_token_id,
+        )
+        live.trainer = trainer
+        trained_tokens = 0
+        if resumed:
+            trained_tokens = self._resume(job, trainer)
+        else:
+            self.store.update_job(job.id, status="running", started_at=int(time.time()))
+            self.store.add_event(job.id, "Fine-tuning job started")
+        logger.info("finetune job running id=%s steps=%d from=%d", job.id, plan.total_steps, trainer.step)
+        started = time.monotonic()
+        first_step = trainer.step
+        while trainer.step < plan.total_steps:
+            step_started = time.monotonic()
+            batch = [training[i] for i in batch_indices(plan, job.seed, trainer.step, len(training))]
+            batch_tokens = _trained_tokens(batch)
+            loss = LossSum(0.0, 0)
+            for group in micro_batches(batch, plan.micro_batch_tokens):
+                part = self._engine_step(
+                    live, lambda group=group, tokens=batch_tokens: trainer.accumulate(group, tokens)
+                )
+                loss = LossSum(loss.total + part.total, loss.tokens + part.tokens)
+            learning_rate = trainer.optimizer_step()
+            step_tokens = sum(example.n_tokens for example in batch)
+            trained_tokens += step_tokens
+            live.last_loss = loss.mean
+            elapsed = time.monotonic() - step_started
+            per_step = (time.monotonic() - started) / (trainer.step - first_step)
+            self.store.add_event(
+                job.id,
+                f"Step {trainer.step}/{plan.total_steps}: training loss={loss.mean:.4f}",
+                type="metrics",
+                data={
+                    "step": trainer.step,
+                    "total_steps": plan.total_steps,
+                    "train_loss": loss.mean,
+                    "learning_rate": learning_rate,
+                    "tokens_per_second": step_tokens / elapsed if elapsed > 0 else None,
+                },
+            )
+            self.store.update_job(
+                job.id,
+                step=trainer.step,
+                trained_tokens=trained_tokens,
+                estimated_finish=int(time.time() + per_step * (plan.total_steps - trainer.step)),
+            )
+            if trainer.step % plan.steps_per_epoch == 0:
+                self._checkpoint(job, live, trainer, validation, loss, trained_tokens)
+        self._finish(
+            job.id,
+            "succeeded",
+            message="The job has successfully completed",
+            fine_tuned_model=job.adapter_id,
+            trained_tokens=trained_tokens,
+            estimated_finish=None,
+        )
+        self._remove_state_files(job.id)
+
+    def _checkpoint(
+        self,
+        job: JobRecord,
+        live: _LiveJob,
+        trainer: SpectralTrainer,
+        validation: list[TrainingExample],
+        loss: LossSum,
+        trained_tokens: int,
+    ) -> None:
+        metrics: dict[str, Any] = {"step": trainer.step, "train_loss": loss.mean, "trained_tokens": trained_tokens}
+        if validation:
+            total = LossSum(0.0, 0)
+            for group in micro_batches(validation, trainer.plan.micro_batch_tokens):
+                part = self._engine_step(live, lambda group=group: trainer.evaluate(group))
+                total = LossSum(total.total + part.total, total.tokens + part.tokens)
+            metrics["valid_loss"] = total.mean
+        final = trainer.step == trainer.plan.total_steps
+        state_path = None
+        if not final:
+            state_path = self.state_dir / job.id / f"step-{trainer.step}.safetensors"
+            _write_atomically(state_path, save(trainer.state_tensors()))
+        record = self.engine.registry.register(
+            job.adapter_id,
+            trainer.adapter(),
+            source_format="finetune",
+            description=f"{'fine-tuned' if final else 'checkpoint'} by {job.id} at step {trainer.step}",
+            metadata={"fine_tuning_job": job.id, "step": trainer.step, "metrics": metrics},
+        )
+        checkpoint = self.store.add_checkpoint(
+            job.id,
+            step=trainer.step,
+            adapter_version=record.version,
+            metrics=metrics,
+            state_path=None if state_path is None else str(state_path),
+        )
+        self.store.add_event(
+            job.id,
+            f"Checkpoint created at step {trainer.step}: {job.adapter_id}@{record.version}",
+            data={"checkpoint": checkpoint.id, "step": trainer.step, "adapter_version": record.version},
+        )
+        for old in self.store.checkpoints(job.id)[CHECKPOINTS_KEPT:]:
+            self._delete_checkpoint(job, old)
+
+    def _delete_checkpoint(self, job: JobRecord, checkpoint: CheckpointRecord) -> None:
+        if self.engine.registry.store.index.get(job.adapter_id, checkpoint.adapter_version) is not None:
+            self.engine.registry.delete(f"{job.adapter_id}@{checkpoint.adapter_version}")
+        if checkpoint.state_path:
+            Path(checkpoint.state_path).unlink(missing_ok=True)
+        self.store.delete_checkpoint(checkpoint.id)
+
+    def _resume(self, job: JobRecord, trainer: SpectralTrainer) -> int:
+        """Continue from the last checkpoint with its optimizer state, or from step 0 when there is none."""
+        latest = next(iter(self.store.checkpoints(job.id)), None)
+        if latest is None:
+            self.store.add_event(
+                job.id, "The server restarted before the first checkpoint; training restarts from step 0"
+            )
+            return 0
+        if latest.step == trainer.plan.total_steps:
+            trainer.step = latest.step
+        elif latest.state_path is None or not Path(latest.state_path).exists():
+            raise ResumeError(
+                f"the server restarted during the job and the optimizer state of its checkpoint at step "
+                f"{latest.step} is missing; start a new job"
+            )
+        else:
+            trainer.restore(load_file(latest.state_path), latest.step)
+        self.store.add_event(
+            job.id, f"The server restarted; training resumed from the checkpoint at step {latest.step}"
+        )
+        return int(latest.metrics.get("trained_tokens", 0))
+
+    # -- endings ----------------------------------------------------------------------------------
+
+    def _fail(self, job_id: str, code: str, message: str, param: str | None) -> None:
+        logger.error("finetune job failed id=%s code=%s message=%s", job_id, code, message)
+        self._discard_outputs(job_id)
+        self._finish(
+            job_id,
+            "failed",
+            message=f"Fine-tuning job failed: {message}",
+            level="error",
+            error={"code": code, "message": message, "param": param},
+        )
+
+    def _discard_outputs(self, job_id: str) -> None:
+        """Remove the job's checkpoint versions and state files: a job that does not succeed leaves no adapter."""
+        job = self.store.get_job(job_id)
+        if job is None:
+            return
+        for checkpoint in self.store.checkpoints(job_id):
+            self._delete_checkpoint(job, checkpoint)
+        self._remove_state_files(job_id)
+
+    def _remove_state_files(self, job_id: str) -> None:
+        directory = self.state_dir / job_id
+        if directory.exists():
+            for path in directory.iterdir():
+                path.unlink(missing_ok=True)
+            directory.rmdir()
+        self.store.clear_state_paths(job_id)
+
+    def _finish(self, job_id: str, status: str, *, message: str, level: str = "info", **fields: Any) -> JobRecord:
+        job = self.store.update_job(job_id, status=status, finished_at=int(time.time()), **fields)
+        self.store.add_event(job_id, message, level=level)
+        logger.info("finetune job finished id=%s status=%s", job_id, status)
+        return job
