@@ -51,6 +51,15 @@ def serve(
     import_root: Annotated[
         Path | None, typer.Option(envvar="SPECTRA_IMPORT_ROOT", help="Dir /v1/load_lora_adapter may read; unset=off.")
     ] = None,
+    max_concurrent_jobs: Annotated[
+        int, typer.Option(envvar="SPECTRA_MAX_CONCURRENT_JOBS", help="Fine-tuning jobs training at once.")
+    ] = 1,
+    finetune_micro_batch_tokens: Annotated[
+        int, typer.Option(envvar="SPECTRA_FINETUNE_MICRO_BATCH_TOKENS", help="Padded tokens per training micro-step.")
+    ] = 2048,
+    training_share: Annotated[
+        float, typer.Option(envvar="SPECTRA_TRAINING_SHARE", help="Most engine time training takes while serving.")
+    ] = 0.3,
     torch_threads: Annotated[
         int, typer.Option(envvar="SPECTRA_TORCH_THREADS", help="Model CPU threads; 0 = cores - 1.")
     ] = 0,
@@ -81,6 +90,9 @@ def serve(
             max_adapter_bytes=max_adapter_bytes,
             max_training_file_bytes=max_training_file_bytes,
             import_root=import_root,
+            max_concurrent_jobs=max_concurrent_jobs,
+            finetune_micro_batch_tokens=finetune_micro_batch_tokens,
+            training_share=training_share,
             torch_threads=torch_threads,
             log_level=log_level,
         )

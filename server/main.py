@@ -16,6 +16,8 @@ from adapters_store.uploads import read_path
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine, EngineLimits
 from server.engine.model_runner import ModelRunner
+from server.finetune.job_store import JobStore
+from server.finetune.jobs import FinetuneLimits, JobManager
 from server.models.embedded import DEFAULT_MODEL_NAME, ensure_default_model
 from server.settings import ServerSettings
 
@@ -64,8 +66,17 @@ def build_engine(settings: ServerSettings) -> Engine:
         max_queue=settings.max_queue,
         max_new_tokens_default=settings.max_new_tokens_default,
         prefill_token_budget=settings.prefill_token_budget,
+        training_share=settings.training_share,
     )
     return Engine(runner, registry, limits, name)
+
+
+def build_jobs(engine: Engine, files: FileStore, settings: ServerSettings) -> JobManager:
+    root = settings.data_dir / "finetune"
+    limits = FinetuneLimits(
+        max_concurrent_jobs=settings.max_concurrent_jobs, micro_batch_tokens=settings.finetune_micro_batch_tokens
+    )
+    return JobManager(engine, files, JobStore(root / "jobs.sqlite3"), root / "checkpoints", limits)
 
 
 def torch_threads(requested: int) -> int:
@@ -85,12 +96,15 @@ def serve(settings: ServerSettings) -> None:
         logger.error("%s; stop it or use another --data-dir", error)
         raise SystemExit(1) from error
     engine.start()
+    jobs = build_jobs(engine, files, settings)
+    jobs.start()
     logger.info("serving model=%s on http://%s:%d", engine.model_name, settings.host, settings.port)
     try:
         from server.api.app import create_app
 
-        app = create_app(engine, settings, files=files)
+        app = create_app(engine, settings, files=files, jobs=jobs)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     finally:
+        jobs.stop()
         engine.stop()
         files.close()

@@ -27,5 +27,10 @@ class ServerSettings(BaseModel):
     max_adapter_bytes: ByteSize = Field(ByteSize(64 << 20), description="largest adapter upload accepted")
     max_training_file_bytes: ByteSize = Field(ByteSize(100 << 20), description="largest training file accepted")
     import_root: Path | None = Field(None, description="directory /v1/load_lora_adapter may read from; None = off")
+    max_concurrent_jobs: int = Field(1, ge=1, description="fine-tuning jobs training at once; the rest queue")
+    finetune_micro_batch_tokens: int = Field(
+        2048, ge=16, description="padded tokens per training micro-step (the longest pause a step puts on serving)"
+    )
+    training_share: float = Field(0.3, gt=0, le=1, description="most engine time training takes while serving")
     torch_threads: int = Field(0, ge=0, description="intra-op CPU threads for the model; 0 = CPU cores - 1 (min 1)")
     log_level: str = "info"

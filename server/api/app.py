@@ -11,9 +11,10 @@ from adapters_store.files import FileStore
 from server.api.body_limit import BodySizeLimitMiddleware
 from server.api.deps import get_engine
 from server.api.errors import install_error_handlers
-from server.api.routes import adapters, generate, health, openai, vllm
+from server.api.routes import adapters, finetune, generate, health, openai, vllm
 from server.api.routes import files as file_routes
 from server.engine.engine import Engine
+from server.finetune.jobs import JobManager
 from server.settings import ServerSettings
 
 # Generation and JSON bodies; uploads get their file limit (two files for adapters) plus room for multipart framing.
@@ -30,10 +31,12 @@ def _version() -> str:
         return "0+unknown"
 
 
-def create_app(engine: Engine, settings: ServerSettings | None = None, *, files: FileStore) -> FastAPI:
+def create_app(
+    engine: Engine, settings: ServerSettings | None = None, *, files: FileStore, jobs: JobManager
+) -> FastAPI:
     """Routes for TGI/LoRAX (``/generate``...), OpenAI (``/v1/...``), ``/health`` and ``/info``.
 
-    The caller owns the engine's lifecycle (start before serving, stop after) and the file store's.
+    The caller owns the lifecycles of the engine, the file store and the job manager.
     """
     app = FastAPI(
         title="Spectra",
@@ -44,6 +47,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, *, files:
     app.state.engine = engine
     app.state.settings = settings
     app.state.files = files
+    app.state.jobs = jobs
     # /v1/models needs a "created" time; the adapters' own times are not tracked, so the server start stands in.
     app.state.created = int(time.time())
     limits_by_path = {
@@ -58,5 +62,6 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, *, files:
     app.include_router(openai.router)
     app.include_router(adapters.router)
     app.include_router(file_routes.router)
+    app.include_router(finetune.router)
     app.include_router(vllm.router)
     return app

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from server.engine.types import EngineError
 from server.spectral.adapter import DctNorm, Method
 
 Auto = Literal["auto"]
@@ -43,15 +44,10 @@ DEFAULT_TARGET_MODULES = {
 }
 
 
-class HyperparameterError(ValueError):
+class HyperparameterError(EngineError):
     """A job setting the served model or the data cannot satisfy; ``param`` names the request field."""
 
     status_code = 422
-
-    def __init__(self, message: str, *, param: str):
-        super().__init__(message)
-        self.message = message
-        self.param = param
 
 
 @dataclass(frozen=True)

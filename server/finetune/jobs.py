@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save
 from adapters_store.files import FileStore
 from adapters_store.ids import validate_adapter_id
 from server.engine.engine import Engine
-from server.engine.types import EngineError, EngineStoppedError, UnknownAdapterError
+from server.engine.types import EngineError, EngineStoppedError
 from server.finetune.data import TrainingExample, TrainingFileError, parse_training_file
 from server.finetune.hyperparameters import (
     AdapterSpec,
@@ -36,7 +36,7 @@ from server.finetune.hyperparameters import (
     resolve_adapter,
     resolve_plan,
 )
-from server.finetune.job_store import CheckpointRecord, JobRecord, JobStore, new_id
+from server.finetune.job_store import CheckpointRecord, EventRecord, JobRecord, JobStore, new_id
 from server.finetune.trainer import (
     LossSum,
     NonFiniteLossError,
@@ -60,6 +60,11 @@ class JobNotFoundError(EngineError):
 
 class JobConflictError(EngineError):
     status_code = 409
+
+
+class UnknownFileError(EngineError):
+    status_code = 404
+    error_type = "not_found_error"
 
 
 class JobCancelledError(Exception):
@@ -155,9 +160,10 @@ class JobManager:
         seed: int | None,
         hyperparameters: dict[str, Any],
         adapter: dict[str, Any],
+        metadata: dict[str, str] | None = None,
     ) -> JobRecord:
         if model != self.engine.model_name:
-            raise UnknownAdapterError(
+            raise HyperparameterError(
                 f"model {model!r} is not served here; fine-tune the served base model {self.engine.model_name!r}",
                 param="model",
             )
@@ -176,13 +182,20 @@ class JobManager:
             suffix=suffix,
             seed=seed,
             adapter_id=adapter_id,
-            request={"hyperparameters": hyperparameters, "adapter": adapter},
+            request={"hyperparameters": hyperparameters, "adapter": adapter, "metadata": metadata},
         )
         job = self.store.update_job(job_id, adapter=spec.as_dict())
         self.store.add_event(job_id, f"Created fine-tuning job {job_id}")
         logger.info("finetune job created id=%s method=%s adapter_id=%s", job_id, spec.method, adapter_id)
         self._launch(job_id, resumed=False)
         return job
+
+    def list(self, *, after: str | None, limit: int) -> list[JobRecord]:
+        return self.store.list_jobs(after=after, limit=limit)
+
+    def events(self, job_id: str, *, after: str | None, limit: int) -> list[EventRecord]:
+        self.get(job_id)
+        return self.store.events(job_id, after=after, limit=limit)
 
     def get(self, job_id: str) -> JobRecord:
         job = self.store.get_job(job_id)
@@ -221,7 +234,7 @@ class JobManager:
     def _training_file_record(self, file_id: str, param: str):
         record = self.files.get(file_id)
         if record is None:
-            raise UnknownAdapterError(f"file {file_id!r} not found", param=param)
+            raise UnknownFileError(f"file {file_id!r} not found", param=param)
         if record.purpose != "fine-tune":
             raise HyperparameterError(f"file {file_id} has purpose {record.purpose!r}, not 'fine-tune'", param=param)
         if record.broken:

@@ -19,8 +19,9 @@ from adapters_store.uploads import base_name
 from server.api.deps import EngineDep, FilesDep, SettingsDep
 from server.api.schemas.common import ErrorResponse
 from server.api.schemas.files import FileDeleted, FileList, FileObject
-from server.engine.types import EngineError, InvalidRequestError
+from server.engine.types import InvalidRequestError
 from server.finetune.data import TrainingFileError, count_training_examples
+from server.finetune.jobs import UnknownFileError
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -35,11 +36,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         422: "An unsupported purpose, or invalid lines in the file; the message lists each line and why.",
     }.items()
 }
-
-
-class UnknownFileError(EngineError):
-    status_code = 404
-    error_type = "not_found_error"
 
 
 class TrainingFileTooLargeError(TrainingFileError):

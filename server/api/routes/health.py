@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from server.api.deps import EngineDep
+from server.api.deps import EngineDep, JobsDep
 from server.api.errors import error_response
 from server.api.schemas.common import ErrorResponse, HealthResponse, InfoResponse
 
@@ -24,5 +24,8 @@ async def health(engine: EngineDep) -> HealthResponse | JSONResponse:
 
 
 @router.get("/info", response_model=InfoResponse)
-async def info(engine: EngineDep) -> dict:
-    return engine.info()
+async def info(engine: EngineDep, jobs: JobsDep) -> dict:
+    return {
+        **engine.info(),
+        "fine_tuning": {"jobs": jobs.status_counts(), "training_state_bytes": jobs.training_bytes()},
+    }
