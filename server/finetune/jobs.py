@@ -133,10 +133,15 @@ class JobManager:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Pick up what the last process left: running jobs resume first, then queued and validating ones."""
-        for job in self.store.jobs_with_status("running"):
+        """Pick up what the last process left: running jobs resume first, then queued ones in their order,
+        then those still validating (they join the queue when validated)."""
+        running = self.store.jobs_with_status("running")
+        queued = self.store.jobs_with_status("queued")
+        with self._turn:
+            self._queue.extend(job.id for job in [*running, *queued])
+        for job in running:
             self._launch(job.id, resumed=True)
-        for job in self.store.jobs_with_status("queued", "validating_files"):
+        for job in [*queued, *self.store.jobs_with_status("validating_files")]:
             self._launch(job.id, resumed=False)
 
     def stop(self) -> None:
@@ -296,7 +301,7 @@ class JobManager:
             if job.status == "validating_files":
                 self.store.update_job(job_id, status="queued")
                 self.store.add_event(job_id, "Files validated, moving job to queued state")
-            self._wait_turn(job_id, live, first=resumed)
+            self._wait_turn(job_id, live)
             try:
                 self._train(self.get(job_id), live, training, validation, plan, resumed)
             finally:
@@ -326,11 +331,9 @@ class JobManager:
             live.finished.set()
             self._live.pop(job_id, None)
 
-    def _wait_turn(self, job_id: str, live: _LiveJob, *, first: bool) -> None:
+    def _wait_turn(self, job_id: str, live: _LiveJob) -> None:
         with self._turn:
-            if first:
-                self._queue.insert(0, job_id)
-            else:
+            if job_id not in self._queue:
                 self._queue.append(job_id)
             try:
                 while not (

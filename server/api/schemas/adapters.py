@@ -19,7 +19,7 @@ class AdapterObject(BaseModel):
     sha256: str
     created_at: int = Field(description="Unix seconds")
     base_model: str
-    source_format: Literal["native", "peft"]
+    source_format: Literal["native", "peft", "finetune"]
     description: str
     metadata: dict[str, Any]
     pinned: bool
