@@ -103,11 +103,10 @@ def micro_batches(examples: list[TrainingExample], token_budget: int) -> list[li
 
 
 def learning_rate_factor(step: int, plan: TrainingPlan) -> float:
-    """Linear warmup over ``plan.warmup_steps`` then linear decay to zero at ``plan.total_steps``."""
+    """Linear warmup to the peak at step ``warmup_steps - 1``, then linear decay towards zero after the last step."""
     if step < plan.warmup_steps:
         return (step + 1) / plan.warmup_steps
-    remaining = plan.total_steps - step
-    return max(0.0, remaining / max(1, plan.total_steps - plan.warmup_steps))
+    return max(0.0, (plan.total_steps - step) / (plan.total_steps - plan.warmup_steps + 1))
 
 
 @dataclass(frozen=True)

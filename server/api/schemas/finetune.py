@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from server.finetune.job_store import JobStatus
 
 Auto = Literal["auto"]
+# Adam moves each coefficient by about the learning rate per step; beyond 1000x the base rate every
+# step overshoots (and 1e38x overflows fp32 inside the optimizer).
+MAX_LEARNING_RATE_MULTIPLIER = 1000.0
 
 
 class Hyperparameters(BaseModel):
@@ -36,8 +39,8 @@ class Hyperparameters(BaseModel):
     @field_validator("learning_rate_multiplier")
     @classmethod
     def _multiplier(cls, value: Auto | float) -> Auto | float:
-        if value != "auto" and not (math.isfinite(value) and value > 0):
-            raise ValueError("learning_rate_multiplier must be 'auto' or a finite number > 0")
+        if value != "auto" and not 0 < value <= MAX_LEARNING_RATE_MULTIPLIER:
+            raise ValueError(f"learning_rate_multiplier must be 'auto' or in (0, {MAX_LEARNING_RATE_MULTIPLIER:g}]")
         return value
 
 
