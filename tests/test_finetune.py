@@ -150,7 +150,8 @@ def reproduced(server: Server, adapter_id: str | None) -> int:
 def test_a_job_memorises_eight_pairs_that_the_base_model_does_not_know(ft_server: Server, method: str) -> None:
     assert reproduced(ft_server, None) == 0
     training_file = upload_training_file(ft_server, [{"prompt": p, "completion": c} for p, c in PAIRS])
-    job = create_job(ft_server, training_file, suffix=method, seed=1, adapter={"type": method})
+    validation = {"validation_file": training_file} if method == "fourierft" else {}
+    job = create_job(ft_server, training_file, suffix=method, seed=1, adapter={"type": method}, **validation)
     assert job["status"] == "validating_files"
     assert job["adapter"]["method"] == method and job["fine_tuned_model"] is None
 
@@ -172,6 +173,8 @@ def test_a_job_memorises_eight_pairs_that_the_base_model_does_not_know(ft_server
 
     checkpoints = httpx.get(f"{ft_server.base_url}/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
     assert [c["step_number"] for c in checkpoints] == [100, 99, 98]
+    if validation:
+        assert checkpoints[0]["metrics"]["valid_loss"] == pytest.approx(metrics[-1]["train_loss"], rel=0.05)
     detail = httpx.get(f"{ft_server.base_url}/v1/adapters/{adapter_id}").json()
     assert "versions" in detail, detail
     assert checkpoints[0]["fine_tuned_model_checkpoint"] == f"{adapter_id}@{detail['version']}"
@@ -197,6 +200,7 @@ def test_a_job_whose_loss_is_not_finite_fails_with_that_reason_and_leaves_no_ada
     assert httpx.get(f"{ft_server.base_url}/v1/adapters/{job['adapter_id']}").status_code == 404
     assert events(ft_server, job["id"])[-1]["level"] == "error"
     assert httpx.get(f"{ft_server.base_url}/health").status_code == 200
+    assert _info(ft_server)["fine_tuning"]["training_state_bytes"] == 0
 
 
 def _info(server: Server) -> dict[str, Any]:

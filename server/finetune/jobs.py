@@ -86,7 +86,6 @@ class _LiveJob:
     cancel: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     trainer: SpectralTrainer | None = None
-    last_loss: float | None = None
 
 
 def _short(job_id: str) -> str:
@@ -230,9 +229,6 @@ class JobManager:
 
     def training_bytes(self) -> int:
         return sum(live.trainer.state_bytes for live in self._live.values() if live.trainer is not None)
-
-    def last_losses(self) -> dict[str, float]:
-        return {job_id: live.last_loss for job_id, live in self._live.items() if live.last_loss is not None}
 
     # -- validation -------------------------------------------------------------------------------
 
@@ -398,7 +394,6 @@ class JobManager:
             learning_rate = trainer.optimizer_step()
             step_tokens = sum(example.n_tokens for example in batch)
             trained_tokens += step_tokens
-            live.last_loss = loss.mean
             elapsed = time.monotonic() - step_started
             per_step = (time.monotonic() - started) / (trainer.step - first_step)
             self.store.add_event(
