@@ -1,21 +1,14 @@
 """``spectra adapters ...``: the adapter store of a running server, through :mod:`clients.sdk`.
 
-The SDK (and the server's response models it returns) is imported only when a command runs, so
-``spectra --help`` stays fast. API errors exit 1 with ``error (STATUS): message`` on stderr; an
-unreachable server exits 2.
+Options, errors and exit codes are those of every server command group (:mod:`clients.cli_common`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
@@ -23,18 +16,25 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from clients.cli_common import (
+    DEFAULT_TIMEOUT_S,
+    DEFAULT_URL,
+    ApiKeyOption,
+    JsonOption,
+    Target,
+    TimeoutOption,
+    UrlOption,
+    activity,
+    connect,
+    human_size,
+    print_json,
+    timestamp,
+)
+
 if TYPE_CHECKING:
-    from pydantic import BaseModel
-
-    from clients.sdk import AdapterObject, SpectraClient
-
-DEFAULT_URL = "http://127.0.0.1:8080"
-EXIT_API_ERROR = 1
-EXIT_CONNECTION_ERROR = 2
+    from clients.sdk import AdapterObject
 
 adapters_app = typer.Typer(help="Upload, list, show, download and delete stored adapters.", no_args_is_help=True)
-
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON response (for scripts).")]
 
 
 class DownloadFormat(StrEnum):
@@ -42,78 +42,18 @@ class DownloadFormat(StrEnum):
     peft = "peft"
 
 
-@dataclass(frozen=True)
-class _Target:
-    url: str
-    api_key: str | None
-    timeout: float
-
-
 @adapters_app.callback()
 def adapters(
     ctx: typer.Context,
-    url: Annotated[str, typer.Option(envvar="SPECTRA_URL", help="Base URL of the Spectra server.")] = DEFAULT_URL,
-    api_key: Annotated[
-        str | None, typer.Option(envvar="SPECTRA_API_KEY", help="Sent as 'Authorization: Bearer KEY'.")
-    ] = None,
-    timeout: Annotated[float, typer.Option(envvar="SPECTRA_TIMEOUT", help="Seconds per request.")] = 300.0,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Manage the adapter store of a running server."""
-    ctx.obj = _Target(url, api_key, timeout)
+    ctx.obj = Target(url, api_key, timeout)
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    typer.echo(message, err=True)
-    raise typer.Exit(code)
-
-
-@contextlib.contextmanager
-def _client(ctx: typer.Context) -> Iterator[SpectraClient]:
-    """A client for the ``--url`` server; SDK errors become messages on stderr and exit codes."""
-    from clients.sdk import SpectraAPIError, SpectraClient, SpectraConnectionError, SpectraError
-
-    target: _Target = ctx.obj  # set by the group callback, inherited by every command's context
-    try:
-        with SpectraClient(target.url, timeout=target.timeout, api_key=target.api_key) as client:
-            yield client
-    except SpectraAPIError as error:
-        _fail(f"error ({error.status_code}): {error.message}", EXIT_API_ERROR)
-    except SpectraConnectionError as error:
-        _fail(f"error: {error}", EXIT_CONNECTION_ERROR)
-    except SpectraError as error:
-        _fail(f"error: {error}", EXIT_API_ERROR)
-    except OSError as error:  # reading the upload or writing the download
-        _fail(f"error: {error}", EXIT_API_ERROR)
-
-
-@contextlib.contextmanager
-def _activity(message: str) -> Iterator[None]:
-    """A spinner on stderr while a transfer runs, only when stderr is a terminal."""
-    if not sys.stderr.isatty():
-        yield
-        return
-    with Console(stderr=True).status(message):
-        yield
-
-
-def _print_json(model: BaseModel) -> None:
-    typer.echo(model.model_dump_json(indent=2))
-
-
-def _size(n_bytes: int) -> str:
-    size = float(n_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def _created(timestamp: int, layout: str = "%Y-%m-%d %H:%M:%S UTC") -> str:
-    return datetime.fromtimestamp(timestamp, UTC).strftime(layout)
 
 
 def _status(adapter: AdapterObject, reason: bool = False) -> Text:
@@ -144,9 +84,9 @@ def _adapter_table(adapters: list[AdapterObject], title: str | None = None) -> T
             str(adapter.version),
             Text(adapter.method),
             f"{adapter.n_params:,}",
-            _size(adapter.size_bytes),
+            human_size(adapter.size_bytes),
             _status(adapter),
-            _created(adapter.created_at, "%m-%d %H:%M"),
+            timestamp(adapter.created_at, "%m-%d %H:%M"),
         )
     return table
 
@@ -181,14 +121,14 @@ def upload(
 ) -> None:
     """Upload an adapter; an existing id gets a new version."""
     metadata_object = _metadata(metadata)
-    with _client(ctx) as client, _activity(f"Uploading {path} as {adapter_id}..."):
+    with connect(ctx) as client, activity(f"Uploading {path} as {adapter_id}..."):
         adapter = client.upload_adapter(adapter_id, path, description=description, metadata=metadata_object, pin=pin)
     if as_json:
-        _print_json(adapter)
+        print_json(adapter)
         return
     typer.echo(
         f"Uploaded {adapter.id}@{adapter.version} "
-        f"({adapter.method}, {adapter.n_params:,} params, {_size(adapter.size_bytes)})"
+        f"({adapter.method}, {adapter.n_params:,} params, {human_size(adapter.size_bytes)})"
     )
 
 
@@ -201,10 +141,10 @@ def list_adapters(
     as_json: JsonOption = False,
 ) -> None:
     """List the latest version of each adapter id."""
-    with _client(ctx) as client:
+    with connect(ctx) as client:
         page = client.list_adapters(prefix=prefix, after=after, limit=limit)
     if as_json:
-        _print_json(page)
+        print_json(page)
         return
     if not page.data:
         typer.echo("No adapters." if not prefix else f"No adapters with ids starting {prefix!r}.")
@@ -221,10 +161,10 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """Show one adapter version and every stored version of its id."""
-    with _client(ctx) as client:
+    with connect(ctx) as client:
         detail = client.get_adapter(ref)
     if as_json:
-        _print_json(detail)
+        print_json(detail)
         return
     fields = Table.grid(padding=(0, 2))
     fields.add_column(style="bold")
@@ -234,12 +174,12 @@ def show(
         ("version", Text(str(detail.version))),
         ("method", Text(detail.method)),
         ("params", Text(f"{detail.n_params:,}")),
-        ("size", Text(f"{_size(detail.size_bytes)} ({detail.size_bytes:,} bytes)")),
+        ("size", Text(f"{human_size(detail.size_bytes)} ({detail.size_bytes:,} bytes)")),
         ("sha256", Text(detail.sha256)),
         ("base model", Text(detail.base_model)),
         ("source format", Text(detail.source_format)),
         ("status", _status(detail, reason=True)),
-        ("created", Text(_created(detail.created_at))),
+        ("created", Text(timestamp(detail.created_at))),
         ("description", Text(detail.description or "-")),
         ("metadata", Text(json.dumps(detail.metadata) if detail.metadata else "-")),
     ):
@@ -264,7 +204,7 @@ def download(
     ),
 ) -> None:
     """Download an adapter as a native file or a PEFT directory."""
-    with _client(ctx) as client, _activity(f"Downloading {ref}..."):
+    with connect(ctx) as client, activity(f"Downloading {ref}..."):
         written = client.download_adapter(ref, dest, format="peft" if format is DownloadFormat.peft else "native")
     typer.echo(f"Saved {ref} to {written}")
 
@@ -280,10 +220,10 @@ def delete(
     if not yes:
         what = f"version {ref}" if "@" in ref else f"adapter {ref} and every version of it"
         typer.confirm(f"Delete {what}?", abort=True)
-    with _client(ctx) as client:
+    with connect(ctx) as client:
         deleted = client.delete_adapter(ref)
     if as_json:
-        _print_json(deleted)
+        print_json(deleted)
         return
     versions = ", ".join(str(version) for version in deleted.versions)
     typer.echo(f"Deleted {deleted.id} (version{'s' if len(deleted.versions) != 1 else ''} {versions})")

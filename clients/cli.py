@@ -8,9 +8,13 @@ from typing import Annotated
 import typer
 
 from clients.adapters_cli import adapters_app
+from clients.files_cli import files_app
+from clients.finetune_cli import finetune_app
 
 app = typer.Typer(help="Spectra: serve spectral (FourierFT / sDCTFT) adapters of one frozen LLM.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(files_app, name="files")
+app.add_typer(finetune_app, name="finetune")
 
 
 def _parse_adapters(values: list[str]) -> dict[str, Path]:

@@ -18,9 +18,11 @@ import json
 import os
 import re
 import tempfile
+import time
 import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import takewhile
 from pathlib import Path, PurePosixPath
 from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import quote
@@ -31,6 +33,17 @@ from pydantic import BaseModel, ValidationError
 
 from server.api.schemas.adapters import AdapterDeleted, AdapterDetail, AdapterList, AdapterObject
 from server.api.schemas.common import HealthResponse, InfoResponse
+from server.api.schemas.files import FileDeleted, FileList, FileObject
+from server.api.schemas.finetune import (
+    AdapterOptions,
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobCheckpointList,
+    FineTuningJobEvent,
+    FineTuningJobEventList,
+    FineTuningJobList,
+)
+from server.finetune.job_store import TERMINAL_STATUSES
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -38,8 +51,18 @@ __all__ = [
     "AdapterDetail",
     "AdapterList",
     "AdapterObject",
+    "AdapterOptions",
     "AsyncSpectraClient",
     "DownloadFormat",
+    "FileDeleted",
+    "FileList",
+    "FileObject",
+    "FineTuningJob",
+    "FineTuningJobCheckpoint",
+    "FineTuningJobCheckpointList",
+    "FineTuningJobEvent",
+    "FineTuningJobEventList",
+    "FineTuningJobList",
     "HealthResponse",
     "InfoResponse",
     "SpectraAPIError",
@@ -52,6 +75,11 @@ DEFAULT_TIMEOUT_S = 60.0
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 DownloadFormat = Literal["native", "peft"]
+Auto = Literal["auto"]
+JOBS_PATH = "/v1/fine_tuning/jobs"
+# Events read per request while following a job: one request per poll for any job that logs less
+# than this between polls (a step is one event).
+FOLLOW_PAGE_SIZE = 100
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -116,9 +144,12 @@ class _Call(Generic[T]):
     params: dict[str, str | int] | None = None
     data: dict[str, str] | None = None
     files: list[tuple[str, tuple[str, bytes, str]]] | None = field(default=None, repr=False)
+    json_body: dict[str, Any] | None = None
 
     def build(self, client: httpx.Client | httpx.AsyncClient) -> httpx.Request:
-        return client.build_request(self.method, self.path, params=self.params, data=self.data, files=self.files)
+        return client.build_request(
+            self.method, self.path, params=self.params, data=self.data, files=self.files, json=self.json_body
+        )
 
 
 @dataclass(frozen=True)
@@ -145,6 +176,10 @@ def _download(response: httpx.Response) -> _Download:
     disposition = response.headers.get("content-disposition", "")
     match = re.search(r'filename="([^"]+)"', disposition)
     return _Download(response.content, match.group(1) if match else None, response.headers.get("x-adapter-sha256"))
+
+
+def _content(response: httpx.Response) -> bytes:
+    return response.content
 
 
 def _finish(call: _Call[T], response: httpx.Response) -> T:
@@ -231,6 +266,107 @@ def _health_call() -> _Call[HealthResponse]:
 
 def _info_call() -> _Call[InfoResponse]:
     return _Call("GET", "/info", _model(InfoResponse))
+
+
+def _query(**values: str | int | None) -> dict[str, str | int]:
+    """Query parameters without the unset ones (the server's defaults apply)."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _id_path(prefix: str, resource_id: str, suffix: str = "") -> str:
+    if not resource_id:
+        raise ValueError(f"an id is required for {prefix}")
+    # File and job ids never hold '/': quoting everything keeps a bad id from reaching another route.
+    return f"{prefix}/{quote(resource_id, safe='')}{suffix}"
+
+
+def _upload_file_call(path: Path, purpose: str) -> _Call[FileObject]:
+    if not path.is_file():
+        raise SpectraError(f"{path} is not a file")
+    files = [("file", (path.name, path.read_bytes(), "application/jsonl"))]
+    return _Call("POST", "/v1/files", _model(FileObject), data={"purpose": purpose}, files=files)
+
+
+def _list_files_call(purpose: str | None, after: str | None, limit: int) -> _Call[FileList]:
+    return _Call("GET", "/v1/files", _model(FileList), params=_query(purpose=purpose, after=after, limit=limit))
+
+
+def _get_file_call(file_id: str) -> _Call[FileObject]:
+    return _Call("GET", _id_path("/v1/files", file_id), _model(FileObject))
+
+
+def _file_content_call(file_id: str) -> _Call[bytes]:
+    return _Call("GET", _id_path("/v1/files", file_id, "/content"), _content)
+
+
+def _delete_file_call(file_id: str) -> _Call[FileDeleted]:
+    return _Call("DELETE", _id_path("/v1/files", file_id), _model(FileDeleted))
+
+
+def _create_job_call(
+    *,
+    model: str,
+    training_file: str,
+    validation_file: str | None,
+    suffix: str | None,
+    seed: int | None,
+    n_epochs: int | Auto,
+    batch_size: int | Auto,
+    learning_rate_multiplier: float | Auto,
+    adapter: dict[str, Any] | AdapterOptions | None,
+) -> _Call[FineTuningJob]:
+    hyperparameters = {
+        "n_epochs": n_epochs,
+        "batch_size": batch_size,
+        "learning_rate_multiplier": learning_rate_multiplier,
+    }
+    # A dict goes as given, so the server (not a local copy of its rules) says what is wrong with it.
+    adapter_body = adapter.model_dump(exclude_none=True) if isinstance(adapter, AdapterOptions) else adapter
+    optional = {"validation_file": validation_file, "suffix": suffix, "seed": seed, "adapter": adapter_body}
+    body = {
+        "model": model,
+        "training_file": training_file,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        **{name: value for name, value in optional.items() if value is not None},
+    }
+    return _Call("POST", JOBS_PATH, _model(FineTuningJob), json_body=body)
+
+
+def _list_jobs_call(after: str | None, limit: int) -> _Call[FineTuningJobList]:
+    return _Call("GET", JOBS_PATH, _model(FineTuningJobList), params=_query(after=after, limit=limit))
+
+
+def _get_job_call(job_id: str) -> _Call[FineTuningJob]:
+    return _Call("GET", _id_path(JOBS_PATH, job_id), _model(FineTuningJob))
+
+
+def _list_job_events_call(job_id: str, after: str | None, limit: int) -> _Call[FineTuningJobEventList]:
+    path = _id_path(JOBS_PATH, job_id, "/events")
+    return _Call("GET", path, _model(FineTuningJobEventList), params=_query(after=after, limit=limit))
+
+
+def _list_job_checkpoints_call(job_id: str) -> _Call[FineTuningJobCheckpointList]:
+    return _Call("GET", _id_path(JOBS_PATH, job_id, "/checkpoints"), _model(FineTuningJobCheckpointList))
+
+
+def _cancel_job_call(job_id: str) -> _Call[FineTuningJob]:
+    return _Call("POST", _id_path(JOBS_PATH, job_id, "/cancel"), _model(FineTuningJob))
+
+
+def _unseen_events(
+    page: FineTuningJobEventList, newest_seen: str | None
+) -> tuple[list[FineTuningJobEvent], str | None]:
+    """The events of a newest-first page that are newer than ``newest_seen``, newest first, and the ``after``
+    cursor of the next older page when that page may hold more of them (None once the seen ones or the job's
+    first event are reached)."""
+    unseen = list(takewhile(lambda event: event.id != newest_seen, page.data))
+    if len(unseen) < len(page.data) or not page.has_more or not page.data:
+        return unseen, None
+    return unseen, page.data[-1].id
+
+
+def _job_ended(job: FineTuningJob) -> bool:
+    return job.status in TERMINAL_STATUSES
 
 
 def _write_atomically(target: Path, data: bytes) -> None:
@@ -372,6 +508,105 @@ class SpectraClient:
         """Delete ``id`` (every version) or ``id@N``."""
         return self._send(_delete_call(ref))
 
+    # -- training files --------------------------------------------------------------------
+
+    def upload_file(self, path: Path | str, purpose: str = "fine-tune") -> FileObject:
+        """Upload a JSONL training file; the server checks every line first (a 422 lists the bad ones)."""
+        return self._send(_upload_file_call(Path(path), purpose))
+
+    def list_files(self, purpose: str | None = None, after: str | None = None, limit: int = 100) -> FileList:
+        """One page, newest first; pass the page's ``last_id`` as ``after`` for the next."""
+        return self._send(_list_files_call(purpose, after, limit))
+
+    def get_file(self, file_id: str) -> FileObject:
+        return self._send(_get_file_call(file_id))
+
+    def file_content(self, file_id: str) -> bytes:
+        """The stored bytes, exactly as uploaded."""
+        return self._send(_file_content_call(file_id))
+
+    def delete_file(self, file_id: str) -> FileDeleted:
+        return self._send(_delete_file_call(file_id))
+
+    # -- fine-tuning jobs ------------------------------------------------------------------
+
+    def create_job(
+        self,
+        *,
+        training_file: str,
+        model: str | None = None,
+        validation_file: str | None = None,
+        suffix: str | None = None,
+        seed: int | None = None,
+        n_epochs: int | Auto = "auto",
+        batch_size: int | Auto = "auto",
+        learning_rate_multiplier: float | Auto = "auto",
+        adapter: dict[str, Any] | AdapterOptions | None = None,
+    ) -> FineTuningJob:
+        """Start training an adapter of the served model (``model`` None: its name, from ``/info``) on uploaded files.
+
+        ``adapter`` says what to train (:class:`AdapterOptions`: type, n_frequency, scaling, target_modules, init);
+        None takes the server's defaults. The job's ``fine_tuned_model`` is the adapter id once it succeeds.
+        """
+        return self._send(
+            _create_job_call(
+                model=self.info().model_id if model is None else model,
+                training_file=training_file,
+                validation_file=validation_file,
+                suffix=suffix,
+                seed=seed,
+                n_epochs=n_epochs,
+                batch_size=batch_size,
+                learning_rate_multiplier=learning_rate_multiplier,
+                adapter=adapter,
+            )
+        )
+
+    def list_jobs(self, after: str | None = None, limit: int = 20) -> FineTuningJobList:
+        """One page, newest first; pass the last job's id as ``after`` for the next."""
+        return self._send(_list_jobs_call(after, limit))
+
+    def get_job(self, job_id: str) -> FineTuningJob:
+        return self._send(_get_job_call(job_id))
+
+    def list_job_events(self, job_id: str, after: str | None = None, limit: int = 20) -> FineTuningJobEventList:
+        """One page, newest first; pass the page's last event id as ``after`` for the older ones."""
+        return self._send(_list_job_events_call(job_id, after, limit))
+
+    def list_job_checkpoints(self, job_id: str) -> FineTuningJobCheckpointList:
+        """The job's kept checkpoints, newest first; each is a servable ``adapter_id@version``."""
+        return self._send(_list_job_checkpoints_call(job_id))
+
+    def cancel_job(self, job_id: str) -> FineTuningJob:
+        """Stop an unfinished job (a finished one is a 409); it keeps no adapter."""
+        return self._send(_cancel_job_call(job_id))
+
+    def follow_job(self, job_id: str, poll_interval: float = 0.5) -> Iterator[FineTuningJobEvent | FineTuningJob]:
+        """Each of the job's events once, oldest first, as they happen; then the finished job, and stop.
+
+        Stopping the iteration (or Ctrl-C) stops following only: the job keeps running on the server.
+        """
+        newest_seen: str | None = None
+        while True:
+            job = self.get_job(job_id)
+            for event in self._events_since(job_id, newest_seen):
+                newest_seen = event.id
+                yield event
+            if _job_ended(job):
+                yield job
+                return
+            time.sleep(poll_interval)
+
+    def _events_since(self, job_id: str, newest_seen: str | None) -> list[FineTuningJobEvent]:
+        """Every event newer than ``newest_seen`` (all of them for None), oldest first."""
+        unseen: list[FineTuningJobEvent] = []
+        after: str | None = None
+        while True:
+            events, after = _unseen_events(self.list_job_events(job_id, after, FOLLOW_PAGE_SIZE), newest_seen)
+            unseen.extend(events)
+            if after is None:
+                return unseen[::-1]
+
 
 class AsyncSpectraClient:
     """The same methods as :class:`SpectraClient`, awaitable. Use ``async with``, or call :meth:`aclose`."""
@@ -440,3 +675,89 @@ class AsyncSpectraClient:
 
     async def delete_adapter(self, ref: str) -> AdapterDeleted:
         return await self._send(_delete_call(ref))
+
+    # -- training files --------------------------------------------------------------------
+
+    async def upload_file(self, path: Path | str, purpose: str = "fine-tune") -> FileObject:
+        call = await anyio.to_thread.run_sync(_upload_file_call, Path(path), purpose)
+        return await self._send(call)
+
+    async def list_files(self, purpose: str | None = None, after: str | None = None, limit: int = 100) -> FileList:
+        return await self._send(_list_files_call(purpose, after, limit))
+
+    async def get_file(self, file_id: str) -> FileObject:
+        return await self._send(_get_file_call(file_id))
+
+    async def file_content(self, file_id: str) -> bytes:
+        return await self._send(_file_content_call(file_id))
+
+    async def delete_file(self, file_id: str) -> FileDeleted:
+        return await self._send(_delete_file_call(file_id))
+
+    # -- fine-tuning jobs ------------------------------------------------------------------
+
+    async def create_job(
+        self,
+        *,
+        training_file: str,
+        model: str | None = None,
+        validation_file: str | None = None,
+        suffix: str | None = None,
+        seed: int | None = None,
+        n_epochs: int | Auto = "auto",
+        batch_size: int | Auto = "auto",
+        learning_rate_multiplier: float | Auto = "auto",
+        adapter: dict[str, Any] | AdapterOptions | None = None,
+    ) -> FineTuningJob:
+        return await self._send(
+            _create_job_call(
+                model=(await self.info()).model_id if model is None else model,
+                training_file=training_file,
+                validation_file=validation_file,
+                suffix=suffix,
+                seed=seed,
+                n_epochs=n_epochs,
+                batch_size=batch_size,
+                learning_rate_multiplier=learning_rate_multiplier,
+                adapter=adapter,
+            )
+        )
+
+    async def list_jobs(self, after: str | None = None, limit: int = 20) -> FineTuningJobList:
+        return await self._send(_list_jobs_call(after, limit))
+
+    async def get_job(self, job_id: str) -> FineTuningJob:
+        return await self._send(_get_job_call(job_id))
+
+    async def list_job_events(self, job_id: str, after: str | None = None, limit: int = 20) -> FineTuningJobEventList:
+        return await self._send(_list_job_events_call(job_id, after, limit))
+
+    async def list_job_checkpoints(self, job_id: str) -> FineTuningJobCheckpointList:
+        return await self._send(_list_job_checkpoints_call(job_id))
+
+    async def cancel_job(self, job_id: str) -> FineTuningJob:
+        return await self._send(_cancel_job_call(job_id))
+
+    async def follow_job(
+        self, job_id: str, poll_interval: float = 0.5
+    ) -> AsyncIterator[FineTuningJobEvent | FineTuningJob]:
+        newest_seen: str | None = None
+        while True:
+            job = await self.get_job(job_id)
+            for event in await self._events_since(job_id, newest_seen):
+                newest_seen = event.id
+                yield event
+            if _job_ended(job):
+                yield job
+                return
+            await anyio.sleep(poll_interval)
+
+    async def _events_since(self, job_id: str, newest_seen: str | None) -> list[FineTuningJobEvent]:
+        unseen: list[FineTuningJobEvent] = []
+        after: str | None = None
+        while True:
+            page = await self.list_job_events(job_id, after, FOLLOW_PAGE_SIZE)
+            events, after = _unseen_events(page, newest_seen)
+            unseen.extend(events)
+            if after is None:
+                return unseen[::-1]

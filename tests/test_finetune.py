@@ -172,7 +172,7 @@ def test_a_job_memorises_eight_pairs_that_the_base_model_does_not_know(ft_server
     assert "Fine-tuning job started" in messages
 
     checkpoints = httpx.get(f"{ft_server.base_url}/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
-    assert [c["step_number"] for c in checkpoints] == [100, 99, 98]
+    assert [c["step_number"] for c in checkpoints] == [100, 90, 80]
     if validation:
         assert checkpoints[0]["metrics"]["valid_loss"] == pytest.approx(metrics[-1]["train_loss"], rel=0.05)
     detail = httpx.get(f"{ft_server.base_url}/v1/adapters/{adapter_id}").json()
@@ -334,3 +334,19 @@ def test_kill_9_mid_job_resumes_from_the_last_checkpoint_with_the_same_result(
         assert resumed["trained_tokens"] == reference["trained_tokens"]
     finally:
         stop_server(server)
+
+
+def test_unknown_list_cursors_are_404_naming_the_cursor(ft_server: Server) -> None:
+    training_file = upload_training_file(ft_server, [{"prompt": "a", "completion": "b"}])
+    job = create_job(ft_server, training_file, hyperparameters={"n_epochs": 1, "batch_size": 1})
+    finished(ft_server, job["id"])
+    base = f"{ft_server.base_url}/v1/fine_tuning/jobs"
+    for url, cursor in [
+        (base, "ftjob-nope"),
+        (f"{base}/{job['id']}/events", "bogus"),
+        (f"{base}/{job['id']}/events", "ftevent-x"),
+        (f"{base}/{job['id']}/checkpoints", "ftckpt-nope"),
+    ]:
+        response = httpx.get(url, params={"after": cursor}, timeout=30)
+        assert response.status_code == 404, (url, response.text)
+        assert response.json()["error"]["param"] == "after" and cursor in response.json()["error"]["message"]

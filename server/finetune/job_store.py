@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from adapters_store.files import UnknownCursorError
+
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -201,6 +203,8 @@ class JobStore:
         """Newest first; ``after`` is the last job id of the previous page."""
         if after is None:
             rows = self._execute("SELECT * FROM jobs ORDER BY created_at DESC, id DESC LIMIT ?", (limit,)).fetchall()
+        elif self.get_job(after) is None:
+            raise UnknownCursorError(f"no job {after!r} to list after")
         else:
             rows = self._execute(
                 "SELECT * FROM jobs WHERE (created_at, id) < (SELECT created_at, id FROM jobs WHERE id = ?) "
@@ -234,7 +238,12 @@ class JobStore:
 
     def events(self, job_id: str, *, after: str | None = None, limit: int = 20) -> list[EventRecord]:
         """Newest first (OpenAI's order); ``after`` is the last event id of the previous page."""
-        before = int(after.rsplit("-", 1)[-1]) if after else None
+        before = None
+        if after is not None:
+            prefix, _, number = after.partition("-")
+            if prefix != "ftevent" or not number.isdigit():
+                raise UnknownCursorError(f"after={after!r} is not an event id (ftevent-N)")
+            before = int(number)
         rows = self._execute(
             "SELECT * FROM job_events WHERE job_id = ? AND (? IS NULL OR seq < ?) ORDER BY seq DESC LIMIT ?",
             (job_id, before, before, limit),

@@ -3,7 +3,7 @@
 Each job has one thread. It validates the files (``validating_files``), waits its turn in the
 queue (``queued``; at most ``max_concurrent_jobs`` train at once), then trains (``running``):
 every micro-step runs on the engine thread through :meth:`Engine.run_training`, the optimizer
-step and the bookkeeping here. Checkpoints, one per epoch and the last three kept, are stored
+step and the bookkeeping here. Checkpoints, about ten per job and the last three kept, are stored
 adapter versions of the job's adapter id plus a file of the optimizer state, so a job whose
 server restarted resumes from its last checkpoint exactly. A job that does not succeed leaves
 no adapter versions behind.
@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import torch
 from safetensors.torch import load_file, save
 
-from adapters_store.files import FileStore
+from adapters_store.files import FileStore, UnknownCursorError
 from adapters_store.ids import validate_adapter_id
 from server.engine.engine import Engine
 from server.engine.types import EngineError, EngineStoppedError
@@ -195,11 +195,17 @@ class JobManager:
         return job
 
     def list(self, *, after: str | None, limit: int) -> list[JobRecord]:
-        return self.store.list_jobs(after=after, limit=limit)
+        try:
+            return self.store.list_jobs(after=after, limit=limit)
+        except UnknownCursorError as error:
+            raise JobNotFoundError(str(error), param="after") from error
 
     def events(self, job_id: str, *, after: str | None, limit: int) -> list[EventRecord]:
         self.get(job_id)
-        return self.store.events(job_id, after=after, limit=limit)
+        try:
+            return self.store.events(job_id, after=after, limit=limit)
+        except UnknownCursorError as error:
+            raise JobNotFoundError(str(error), param="after") from error
 
     def get(self, job_id: str) -> JobRecord:
         job = self.store.get_job(job_id)
@@ -210,7 +216,9 @@ class JobManager:
     def cancel(self, job_id: str) -> JobRecord:
         job = self.get(job_id)
         if job.terminal:
-            raise JobConflictError(f"job {job_id} is already {job.status}; only unfinished jobs can be cancelled")
+            raise JobConflictError(
+                f"job {job_id} has already finished ({job.status}); only unfinished jobs can be cancelled"
+            )
         live = self._live.get(job_id)
         if live is None:
             return self._finish(job_id, "cancelled", message="Fine-tuning job cancelled")
@@ -414,7 +422,7 @@ class JobManager:
                 trained_tokens=trained_tokens,
                 estimated_finish=int(time.time() + per_step * (plan.total_steps - trainer.step)),
             )
-            if trainer.step % plan.steps_per_epoch == 0:
+            if plan.is_checkpoint(trainer.step):
                 self._checkpoint(job, live, trainer, validation, loss, trained_tokens)
         self._finish(
             job.id,
@@ -422,7 +430,6 @@ class JobManager:
             message="The job has successfully completed",
             fine_tuned_model=job.adapter_id,
             trained_tokens=trained_tokens,
-            estimated_finish=None,
         )
         self._remove_state_files(job.id)
 
@@ -529,7 +536,9 @@ class JobManager:
         self.store.clear_state_paths(job_id)
 
     def _finish(self, job_id: str, status: str, *, message: str, level: str = "info", **fields: Any) -> JobRecord:
-        job = self.store.update_job(job_id, status=status, finished_at=int(time.time()), **fields)
+        fields.setdefault("estimated_finish", None)
+        # The event first: a client that sees the final status has every event already.
         self.store.add_event(job_id, message, level=level)
+        job = self.store.update_job(job_id, status=status, finished_at=int(time.time()), **fields)
         logger.info("finetune job finished id=%s status=%s", job_id, status)
         return job

@@ -22,13 +22,14 @@ from server.api.schemas.finetune import (
     FineTuningJobEvent,
     FineTuningJobEventList,
     FineTuningJobList,
-    Hyperparameters,
     JobError,
+    JobHyperparameters,
+    JobSupervised,
     MethodObject,
-    SupervisedMethod,
 )
 from server.finetune.hyperparameters import BASE_LEARNING_RATE
 from server.finetune.job_store import JobRecord
+from server.finetune.jobs import JobNotFoundError
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -43,11 +44,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
-def _hyperparameters(job: JobRecord) -> Hyperparameters:
+def _hyperparameters(job: JobRecord) -> JobHyperparameters:
     plan = job.hyperparameters
     if plan is None:
-        return Hyperparameters(**job.request["hyperparameters"])
-    return Hyperparameters(
+        return JobHyperparameters(**job.request["hyperparameters"])
+    return JobHyperparameters(
         n_epochs=plan["n_epochs"],
         batch_size=plan["batch_size"],
         learning_rate_multiplier=plan["learning_rate"] / BASE_LEARNING_RATE,
@@ -64,7 +65,7 @@ def job_object(job: JobRecord) -> FineTuningJob:
         training_file=job.training_file,
         validation_file=job.validation_file,
         hyperparameters=hyperparameters,
-        method=MethodObject(supervised=SupervisedMethod(hyperparameters=hyperparameters)),
+        method=MethodObject(supervised=JobSupervised(hyperparameters=hyperparameters)),
         seed=job.seed,
         user_provided_suffix=job.suffix,
         fine_tuned_model=job.fine_tuned_model,
@@ -143,7 +144,9 @@ async def list_checkpoints(
     checkpoints = await run_in_threadpool(jobs.checkpoints, job_id)
     if after is not None:
         ids = [checkpoint.id for checkpoint in checkpoints]
-        checkpoints = checkpoints[ids.index(after) + 1 :] if after in ids else []
+        if after not in ids:
+            raise JobNotFoundError(f"no checkpoint {after!r} of job {job_id} to list after", param="after")
+        checkpoints = checkpoints[ids.index(after) + 1 :]
     page = [
         FineTuningJobCheckpoint(
             id=checkpoint.id,

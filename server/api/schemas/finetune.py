@@ -115,9 +115,21 @@ class JobError(BaseModel):
     param: str | None = None
 
 
+class JobHyperparameters(BaseModel):
+    """What a job ran with, as stored: no request validators, so tightening a rule never hides old jobs."""
+
+    n_epochs: Auto | int
+    batch_size: Auto | int
+    learning_rate_multiplier: Auto | float
+
+
+class JobSupervised(BaseModel):
+    hyperparameters: JobHyperparameters
+
+
 class MethodObject(BaseModel):
     type: Literal["supervised"] = "supervised"
-    supervised: SupervisedMethod
+    supervised: JobSupervised
 
 
 class FineTuningJob(BaseModel):
@@ -128,7 +140,7 @@ class FineTuningJob(BaseModel):
     status: JobStatus
     training_file: str
     validation_file: str | None
-    hyperparameters: Hyperparameters
+    hyperparameters: JobHyperparameters
     method: MethodObject
     seed: int
     user_provided_suffix: str | None
