@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
+
+from adapters_store.durable import write_atomically
 
 
 class BlobCorruptError(RuntimeError):
     """A blob whose bytes no longer hash to its name."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlobStore:
@@ -36,17 +28,7 @@ class BlobStore:
         if target.exists():
             return sha256
         target.parent.mkdir(exist_ok=True)
-        fd, temp_name = tempfile.mkstemp(dir=self.tmp, prefix="upload-")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp_name, target)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
+        write_atomically(target, data, self.tmp)
         return sha256
 
     def get(self, sha256: str) -> bytes:

@@ -12,7 +12,6 @@ file id; paging continues strictly after that file's position.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import secrets
 import sqlite3
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters_store.blobs import BlobCorruptError, BlobStore
-from adapters_store.store import StoreLockedError
+from adapters_store.durable import lock_directory
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +83,7 @@ class FileStore:
     def __init__(self, root: Path):
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
-        self._lock_file = (root / ".lock").open("a")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as error:
-            self._lock_file.close()
-            raise StoreLockedError(f"the file store {root} is in use by another process") from error
+        self._lock_file = lock_directory(root, "file store")
         self._lock = threading.Lock()
         # Orders "blob present, then row committed" against "row deleted, then blob removed" when two
         # files share one blob.

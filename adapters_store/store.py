@@ -8,7 +8,6 @@ blob is missing or fails its sha256 as broken (listed with its reason, never ser
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import threading
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_store.blobs import BlobStore
+from adapters_store.durable import lock_directory
 from adapters_store.ids import validate_adapter_id
 from adapters_store.index import AdapterIndex, AdapterRecord
 
@@ -29,20 +29,11 @@ class RecoveryReport:
     broken: list[tuple[str, int, str]]
 
 
-class StoreLockedError(RuntimeError):
-    """Another process has the store open; two writers would corrupt each other's recovery."""
-
-
 class AdapterStore:
     def __init__(self, root: Path):
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
-        self._lock_file = (root / ".lock").open("a")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as error:
-            self._lock_file.close()
-            raise StoreLockedError(f"the adapter store {root} is in use by another process") from error
+        self._lock_file = lock_directory(root, "adapter store")
         # Orders "blob present, then row committed" against "row deleted, then blob removed" when two
         # versions share one blob.
         self._blob_lock = threading.Lock()

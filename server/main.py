@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from adapters_store.durable import StoreLockedError
 from adapters_store.files import FileStore
-from adapters_store.store import AdapterStore, StoreLockedError
+from adapters_store.store import AdapterStore
 from adapters_store.uploads import read_path
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine, EngineLimits

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from adapters_store.durable import StoreLockedError
 from adapters_store.files import FileBrokenError, FileRecord, FileStore, UnknownCursorError
-from adapters_store.store import StoreLockedError
 
 DATA = b'{"prompt": "a", "completion": "b"}\n'
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from adapters_store.durable import StoreLockedError
 from adapters_store.ids import InvalidAdapterIdError, parse_ref, validate_adapter_id
-from adapters_store.store import AdapterStore, StoreLockedError
+from adapters_store.store import AdapterStore
 
 
 def _put(store: AdapterStore, adapter_id: str, data: bytes):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 from safetensors.torch import load_file, save
 
+from adapters_store.durable import write_atomically
 from adapters_store.files import FileStore, UnknownCursorError
 from adapters_store.ids import validate_adapter_id
 from server.engine.engine import Engine
@@ -95,20 +95,6 @@ def _short(job_id: str) -> str:
 def adapter_id_for(job_id: str, suffix: str | None) -> str:
     """``ft-<suffix>-<8 hex of the job id>``: says where the adapter came from, within the store's id rules."""
     return validate_adapter_id(f"ft-{suffix}-{_short(job_id)}" if suffix else f"ft-{_short(job_id)}")
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def _trained_tokens(examples: list[TrainingExample]) -> int:
@@ -453,7 +439,8 @@ class JobManager:
         state_path = None
         if not final:
             state_path = self.state_dir / job.id / f"step-{trainer.step}.safetensors"
-            _write_atomically(state_path, save(trainer.state_tensors()))
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(state_path, save(trainer.state_tensors()), state_path.parent)
         record = self.engine.registry.register(
             job.adapter_id,
             trainer.adapter(),

@@ -1,0 +1,48 @@
+"""The two primitives every store here is built on: atomic durable writes and one process per directory."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from typing import TextIO
+
+
+class StoreLockedError(RuntimeError):
+    """Another process has the store open; two writers would corrupt each other's recovery."""
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes, temp_dir: Path) -> None:
+    """``data`` at ``path`` entirely or not at all, durable when this returns: a temp file in ``temp_dir``
+    (same file system), fsynced, renamed over ``path``, then the directory fsynced."""
+    fd, temp_name = tempfile.mkstemp(dir=temp_dir, prefix="write-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def lock_directory(root: Path, what: str) -> TextIO:
+    """Hold an exclusive ``flock`` on ``root/.lock`` for as long as the returned file stays open."""
+    lock_file = (root / ".lock").open("a")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as error:
+        lock_file.close()
+        raise StoreLockedError(f"the {what} {root} is in use by another process") from error
+    return lock_file
