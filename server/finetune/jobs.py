@@ -295,6 +295,10 @@ class JobManager:
             try:
                 self._train(self.get(job_id), live, training, validation, plan, resumed)
             finally:
+                # Memory is back before any final status is visible.
+                if live.trainer is not None:
+                    live.trainer.close()
+                    live.trainer = None
                 with self._turn:
                     self._running.discard(job_id)
                     self._turn.notify_all()
@@ -307,7 +311,7 @@ class JobManager:
             self._fail(job_id, "non_finite_loss", str(error), None)
         except ResumeError as error:
             self._fail(job_id, "resume_failed", str(error), None)
-        except HyperparameterError as error:
+        except EngineError as error:
             self._fail(job_id, "invalid_request", error.message, error.param)
         except (torch.OutOfMemoryError, MemoryError) as error:
             self._fail(job_id, "out_of_memory", f"out of memory while training: {error}", None)
@@ -315,9 +319,6 @@ class JobManager:
             logger.exception("finetune job failed id=%s", job_id)
             self._fail(job_id, "internal_error", f"{type(error).__name__}: {error}", None)
         finally:
-            if live.trainer is not None:
-                live.trainer.close()
-                live.trainer = None
             live.finished.set()
             self._live.pop(job_id, None)
 
@@ -512,6 +513,11 @@ class JobManager:
             return
         for checkpoint in self.store.checkpoints(job_id):
             self._delete_checkpoint(job, checkpoint)
+        # A crash between storing a version and recording its checkpoint leaves a version only its metadata names.
+        registry = self.engine.registry
+        for record in registry.store.index.versions(job.adapter_id):
+            if record.metadata.get("fine_tuning_job") == job_id:
+                registry.delete(f"{record.adapter_id}@{record.version}")
         self._remove_state_files(job_id)
 
     def _remove_state_files(self, job_id: str) -> None:
