@@ -170,15 +170,23 @@ class SpectralTrainer:
         return input_ids.to(device), attention.to(device), trained.to(device)
 
     def _loss_sum(self, examples: list[TrainingExample]) -> tuple[torch.Tensor, int]:
+        """Summed cross-entropy of the trained tokens.
+
+        The output head runs only at the positions that predict a trained token (a boolean
+        ``logits_to_keep``): with a 32k vocabulary the head and its softmax are half of a step, and
+        prompts are never trained (bench/finetune_step.py, docs/benchmarks.md).
+        """
         input_ids, attention, trained = self._batch_tensors(examples)
+        predicts = torch.zeros_like(trained)
+        predicts[:, :-1] = trained[:, 1:]
         slots = torch.full(input_ids.shape, self.slot, dtype=torch.long)
         trainable = TrainableSpectrum(self.slot, self.coefficients)
         with self.bank.route(slots, trainable=trainable):
-            logits = self.model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-        targets = input_ids[:, 1:]
-        mask = trained[:, 1:]
-        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
-        return (losses * mask).sum(), int(mask.sum())
+            logits = self.model(
+                input_ids=input_ids, attention_mask=attention, use_cache=False, logits_to_keep=predicts
+            ).logits
+        targets = input_ids[:, 1:][trained[:, 1:]]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum"), targets.numel()
 
     def accumulate(self, examples: list[TrainingExample], batch_tokens: int) -> LossSum:
         """Forward and backward of one micro-batch; gradients add up to the mean over the batch's tokens."""
