@@ -193,7 +193,7 @@ class SpectralTrainer:
         with torch.enable_grad():
             total, tokens = self._loss_sum(examples)
             if not torch.isfinite(total):
-                raise NonFiniteLossError(f"the training loss is {float(total)} at step {self.step + 1}")
+                raise NonFiniteLossError(f"the training loss is {float(total.detach())} at step {self.step + 1}")
             (total / batch_tokens).backward()
         return LossSum(float(total.detach()), tokens)
 
