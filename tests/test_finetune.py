@@ -350,3 +350,35 @@ def test_unknown_list_cursors_are_404_naming_the_cursor(ft_server: Server) -> No
         response = httpx.get(url, params={"after": cursor}, timeout=30)
         assert response.status_code == 404, (url, response.text)
         assert response.json()["error"]["param"] == "after" and cursor in response.json()["error"]["message"]
+
+
+def test_the_openai_sdk_drives_a_job_end_to_end(ft_server: Server) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{ft_server.base_url}/v1", api_key="unused", max_retries=0)
+    uploaded = client.files.create(
+        file=("train.jsonl", jsonl([{"prompt": p, "completion": c} for p, c in PAIRS])), purpose="fine-tune"
+    )
+    job = client.fine_tuning.jobs.create(
+        model=ft_server.model_name,
+        training_file=uploaded.id,
+        suffix="sdk",
+        seed=2,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4, "batch_size": 4}}},
+        extra_body={"adapter": {"type": "sdctft", "n_frequency": 500}},
+    )
+    assert job.status == "validating_files" and job.hyperparameters.n_epochs == 4
+    done = finished(ft_server, job.id)
+    assert done["status"] == "succeeded"
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.fine_tuned_model == done["fine_tuned_model"] and job.trained_tokens == done["trained_tokens"]
+    assert job.id in [listed.id for listed in client.fine_tuning.jobs.list(limit=100).data]
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert events[0].message == "The job has successfully completed"
+    assert [event.data["step"] for event in events if event.type == "metrics"] == list(range(8, 0, -1))
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [checkpoint.step_number for checkpoint in checkpoints] == [8, 6, 4]
+    completion = client.completions.create(model=job.fine_tuned_model, prompt="2 + 2 =", max_tokens=4, temperature=0)
+    assert completion.model == job.fine_tuned_model
+    with pytest.raises(openai.ConflictError, match="has already finished"):
+        client.fine_tuning.jobs.cancel(job.id)
