@@ -25,6 +25,7 @@ serve: $(STAMP)
 	$(BIN)/spectra serve --data-dir $(SPECTRA_DATA_DIR)
 
 test: $(STAMP)
+	@command -v promtool >/dev/null 2>&1 || bash .ci/install-prometheus
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

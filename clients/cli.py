@@ -10,11 +10,13 @@ import typer
 from clients.adapters_cli import adapters_app
 from clients.files_cli import files_app
 from clients.finetune_cli import finetune_app
+from clients.generate_cli import generate
 
 app = typer.Typer(help="Spectra: serve spectral (FourierFT / sDCTFT) adapters of one frozen LLM.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(files_app, name="files")
 app.add_typer(finetune_app, name="finetune")
+app.command()(generate)
 
 
 def _parse_adapters(values: list[str]) -> dict[str, Path]:
@@ -64,10 +66,19 @@ def serve(
     training_share: Annotated[
         float, typer.Option(envvar="SPECTRA_TRAINING_SHARE", help="Most engine time training takes while serving.")
     ] = 0.3,
+    metrics_adapter_labels: Annotated[
+        int,
+        typer.Option(
+            envvar="SPECTRA_METRICS_ADAPTER_LABELS", help="Adapter ids labelled in metrics; others: __other__."
+        ),
+    ] = 100,
     torch_threads: Annotated[
         int, typer.Option(envvar="SPECTRA_TORCH_THREADS", help="Model CPU threads; 0 = cores - 1.")
     ] = 0,
     log_level: Annotated[str, typer.Option(envvar="SPECTRA_LOG_LEVEL")] = "info",
+    log_format: Annotated[
+        str, typer.Option(envvar="SPECTRA_LOG_FORMAT", help="text|json (json: one JSON object per line).")
+    ] = "text",
 ) -> None:
     """Start the HTTP server."""
     from pydantic import ValidationError
@@ -97,8 +108,10 @@ def serve(
             max_concurrent_jobs=max_concurrent_jobs,
             finetune_micro_batch_tokens=finetune_micro_batch_tokens,
             training_share=training_share,
+            metrics_adapter_labels=metrics_adapter_labels,
             torch_threads=torch_threads,
             log_level=log_level,
+            log_format=log_format,
         )
     except ValidationError as error:
         raise typer.BadParameter(str(error)) from error

@@ -5,9 +5,9 @@ Everything that does not touch the network lives in module-level helpers shared 
 transports: an endpoint is a :class:`_Call` (what to send plus how to read the answer), so each
 client method is one line and a new endpoint is one ``_Call`` builder plus two thin methods.
 
-Every non-2xx answer raises :class:`SpectraAPIError` (status, message, type and param from the
-standard ``{"error": {...}}`` body); a server that cannot be reached raises
-:class:`SpectraConnectionError`.
+Every non-2xx answer, and an ``error`` event in a stream, raises :class:`SpectraAPIError` (status,
+message, type and param from the standard ``{"error": {...}}`` body, and the response's
+``X-Request-Id`` to quote); a server that cannot be reached raises :class:`SpectraConnectionError`.
 """
 
 from __future__ import annotations
@@ -20,17 +20,18 @@ import re
 import tempfile
 import time
 import zipfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import takewhile
 from pathlib import Path, PurePosixPath
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypedDict, TypeVar, Unpack
 from urllib.parse import quote
 
 import anyio
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from server.api.request_id import REQUEST_ID_HEADER
 from server.api.schemas.adapters import AdapterDeleted, AdapterDetail, AdapterList, AdapterObject
 from server.api.schemas.common import HealthResponse, InfoResponse
 from server.api.schemas.files import FileDeleted, FileList, FileObject
@@ -43,6 +44,8 @@ from server.api.schemas.finetune import (
     FineTuningJobEventList,
     FineTuningJobList,
 )
+from server.api.schemas.openai import ChatCompletion, ChatMessage, Completion
+from server.api.schemas.tgi import GenerateResponse, StreamResponse
 from server.finetune.job_store import TERMINAL_STATUSES
 
 __all__ = [
@@ -53,6 +56,9 @@ __all__ = [
     "AdapterObject",
     "AdapterOptions",
     "AsyncSpectraClient",
+    "ChatCompletion",
+    "ChatMessage",
+    "Completion",
     "DownloadFormat",
     "FileDeleted",
     "FileList",
@@ -63,12 +69,16 @@ __all__ = [
     "FineTuningJobEvent",
     "FineTuningJobEventList",
     "FineTuningJobList",
+    "GenerateOptions",
+    "GenerateResponse",
     "HealthResponse",
     "InfoResponse",
+    "OpenAIOptions",
     "SpectraAPIError",
     "SpectraClient",
     "SpectraConnectionError",
     "SpectraError",
+    "StreamResponse",
 ]
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -93,10 +103,20 @@ class SpectraError(Exception):
 
 
 class SpectraAPIError(SpectraError):
-    """The server answered with a non-2xx status."""
+    """The server answered with a non-2xx status, or ended a stream with an ``error`` event.
+
+    ``request_id`` is the response's ``X-Request-Id``: the server's log lines about the request carry it.
+    """
 
     def __init__(
-        self, status_code: int, message: str, *, type: str | None = None, param: str | None = None, body: Any = None
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        body: Any = None,
+        request_id: str | None = None,
     ) -> None:
         super().__init__(f"{status_code}: {message}")
         self.status_code = status_code
@@ -104,6 +124,7 @@ class SpectraAPIError(SpectraError):
         self.type = type
         self.param = param
         self.body = body
+        self.request_id = request_id
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> SpectraAPIError:
@@ -112,19 +133,29 @@ class SpectraAPIError(SpectraError):
             body = response.json()
         except ValueError:
             body = None
-        error = body.get("error") if isinstance(body, dict) else None
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            param = error.get("param")
-            error_type = error.get("type")
-            return cls(
-                response.status_code,
-                error["message"],
-                type=error_type if isinstance(error_type, str) else None,
-                param=param if isinstance(param, str) else None,
-                body=body,
-            )
+        request_id = response.headers.get(REQUEST_ID_HEADER)
+        error = cls.from_body(response.status_code, body, request_id)
+        if error is not None:
+            return error
         message = text.strip() or response.reason_phrase or "no message"
-        return cls(response.status_code, message, body=body if body is not None else text)
+        return cls(response.status_code, message, body=body if body is not None else text, request_id=request_id)
+
+    @classmethod
+    def from_body(cls, status_code: int, body: Any, request_id: str | None) -> SpectraAPIError | None:
+        """The error a standard ``{"error": {...}}`` body describes; None if ``body`` is not one."""
+        error = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+            return None
+        param = error.get("param")
+        error_type = error.get("type")
+        return cls(
+            status_code,
+            error["message"],
+            type=error_type if isinstance(error_type, str) else None,
+            param=param if isinstance(param, str) else None,
+            body=body,
+            request_id=request_id,
+        )
 
 
 class SpectraConnectionError(SpectraError):
@@ -150,6 +181,15 @@ class _Call(Generic[T]):
         return client.build_request(
             self.method, self.path, params=self.params, data=self.data, files=self.files, json=self.json_body
         )
+
+
+@dataclass(frozen=True)
+class _Stream(Generic[M]):
+    """One Server-Sent Events request, transport-free: the JSON body to POST and the model of each ``data:`` event."""
+
+    path: str
+    json_body: dict[str, Any]
+    event: type[M]
 
 
 @dataclass(frozen=True)
@@ -180,6 +220,34 @@ def _download(response: httpx.Response) -> _Download:
 
 def _content(response: httpx.Response) -> bytes:
     return response.content
+
+
+def _stream_event(stream: _Stream[M], response: httpx.Response, line: str) -> M | None:
+    """The event a ``data:`` line holds; None for the lines between events (blank separators, ``: ping``).
+
+    An ``error`` event (the server's standard error body) raises :class:`SpectraAPIError`.
+    """
+    if not line.startswith("data:"):
+        return None
+    data = line.removeprefix("data:").strip()
+    try:
+        payload = json.loads(data)
+    except ValueError as error:
+        raise SpectraError(f"unexpected event from {response.request.url}: {data[:200]!r}") from error
+    if isinstance(payload, dict) and "error" in payload:
+        # The response itself was a 200; the event's own code says what went wrong.
+        code = payload["error"].get("code") if isinstance(payload["error"], dict) else None
+        status = code if isinstance(code, int) else 500
+        request_id = response.headers.get(REQUEST_ID_HEADER)
+        error = SpectraAPIError.from_body(status, payload, request_id)
+        raise error or SpectraAPIError(status, data, body=payload, request_id=request_id)
+    try:
+        return stream.event.model_validate(payload)
+    except ValidationError as error:
+        raise SpectraError(
+            f"unexpected {stream.event.__name__} event from {response.request.url}: {error.error_count()} error(s); "
+            f"event starts {data[:200]!r}"
+        ) from error
 
 
 def _finish(call: _Call[T], response: httpx.Response) -> T:
@@ -266,6 +334,84 @@ def _health_call() -> _Call[HealthResponse]:
 
 def _info_call() -> _Call[InfoResponse]:
     return _Call("GET", "/info", _model(InfoResponse))
+
+
+# -- generation --------------------------------------------------------------------------------
+
+
+class GenerateOptions(TypedDict, total=False):
+    """``parameters`` of ``/generate`` (TGI/LoRAX); unset ones take the server's defaults (greedy decoding).
+
+    ``adapter_id`` names one adapter (``id`` or ``id@N``), ``adapters`` a weighted blend; neither is the
+    base model. ``temperature`` other than 1, ``top_k`` or ``top_p`` < 1 turn sampling on, as in TGI.
+    """
+
+    adapter_id: str | None
+    adapters: dict[str, float] | None
+    max_new_tokens: int | None
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    do_sample: bool | None
+    seed: int | None
+    stop: list[str] | None
+    repetition_penalty: float | None
+    details: bool
+    return_full_text: bool | None
+
+
+class OpenAIOptions(TypedDict, total=False):
+    """Sampling fields of ``/v1/completions`` and ``/v1/chat/completions``; unset ones take the server's defaults.
+
+    ``temperature`` defaults to 1 (sampling), as in OpenAI; 0 is greedy. ``adapters`` blends adapters of the
+    base model (``model`` must then be left unset).
+    """
+
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    repetition_penalty: float | None
+    seed: int | None
+    stop: str | list[str] | None
+    adapters: dict[str, float] | None
+
+
+def _given(options: Mapping[str, Any], allowed: type) -> dict[str, Any]:
+    """The options that were set; a name the server does not know is refused here, because the server
+    ignores unknown fields (as TGI and vLLM do) and a misspelt option would silently do nothing."""
+    unknown = sorted(set(options) - set(allowed.__annotations__))
+    if unknown:
+        raise TypeError(f"unexpected option(s) {', '.join(unknown)}; known: {', '.join(allowed.__annotations__)}")
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _tgi_body(inputs: str, options: GenerateOptions) -> dict[str, Any]:
+    return {"inputs": inputs, "parameters": _given(options, GenerateOptions)}
+
+
+def _generate_call(inputs: str, options: GenerateOptions) -> _Call[GenerateResponse]:
+    return _Call("POST", "/generate", _model(GenerateResponse), json_body=_tgi_body(inputs, options))
+
+
+def _generate_stream(inputs: str, options: GenerateOptions) -> _Stream[StreamResponse]:
+    return _Stream("/generate_stream", _tgi_body(inputs, options), StreamResponse)
+
+
+def _completion_call(model: str, prompt: str, options: OpenAIOptions) -> _Call[Completion]:
+    body = {"model": model, "prompt": prompt, **_given(options, OpenAIOptions)}
+    return _Call("POST", "/v1/completions", _model(Completion), json_body=body)
+
+
+def _chat_call(
+    model: str, messages: Sequence[ChatMessage | Mapping[str, Any]], options: OpenAIOptions
+) -> _Call[ChatCompletion]:
+    sent = [
+        message.model_dump(exclude_none=True) if isinstance(message, ChatMessage) else dict(message)
+        for message in messages
+    ]
+    body = {"model": model, "messages": sent, **_given(options, OpenAIOptions)}
+    return _Call("POST", "/v1/chat/completions", _model(ChatCompletion), json_body=body)
 
 
 def _query(**values: str | int | None) -> dict[str, str | int]:
@@ -441,6 +587,7 @@ class SpectraClient:
     def __init__(self, base_url: str, *, timeout: float = DEFAULT_TIMEOUT_S, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=_headers(api_key))
+        self._base_model: str | None = None
 
     def __enter__(self) -> SpectraClient:
         return self
@@ -458,6 +605,26 @@ class SpectraClient:
             raise _connection_error(self.base_url, error) from error
         return _finish(call, response)
 
+    def _stream(self, stream: _Stream[M]) -> Iterator[M]:
+        try:
+            with self._http.stream("POST", stream.path, json=stream.json_body) as response:
+                if not response.is_success:
+                    response.read()
+                    raise SpectraAPIError.from_response(response)
+                for line in response.iter_lines():
+                    if (event := _stream_event(stream, response, line)) is not None:
+                        yield event
+        except httpx.TransportError as error:
+            raise _connection_error(self.base_url, error) from error
+
+    def _model_id(self, model: str | None) -> str:
+        """``model``, or for None the served base model's name (asked once per client)."""
+        if model is not None:
+            return model
+        if self._base_model is None:
+            self._base_model = self.info().model_id
+        return self._base_model
+
     # -- server ----------------------------------------------------------------------------
 
     def health(self) -> HealthResponse:
@@ -465,6 +632,38 @@ class SpectraClient:
 
     def info(self) -> InfoResponse:
         return self._send(_info_call())
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate(self, inputs: str, **options: Unpack[GenerateOptions]) -> GenerateResponse:
+        """``POST /generate``: the generated text (with ``details=True``, every token too) once generation ends."""
+        return self._send(_generate_call(inputs, options))
+
+    def generate_stream(self, inputs: str, **options: Unpack[GenerateOptions]) -> Iterator[StreamResponse]:
+        """``POST /generate_stream``: one event per token as it is generated; the last also holds ``generated_text``
+        and ``details``. Closing the iterator early closes the connection, which cancels the request on the server.
+        """
+        return self._stream(_generate_stream(inputs, options))
+
+    def completions(self, prompt: str, *, model: str | None = None, **options: Unpack[OpenAIOptions]) -> Completion:
+        """``POST /v1/completions``; ``model`` is an adapter id, or None for the base model.
+
+        Not streamed: for text as it is generated use :meth:`generate_stream` (or the openai SDK, ``stream=True``).
+        """
+        return self._send(_completion_call(self._model_id(model), prompt, options))
+
+    def chat(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]],
+        *,
+        model: str | None = None,
+        **options: Unpack[OpenAIOptions],
+    ) -> ChatCompletion:
+        """``POST /v1/chat/completions`` with ``{"role", "content"}`` messages; ``model`` as in :meth:`completions`.
+
+        Not streamed, as :meth:`completions`.
+        """
+        return self._send(_chat_call(self._model_id(model), messages, options))
 
     # -- adapters --------------------------------------------------------------------------
 
@@ -614,6 +813,7 @@ class AsyncSpectraClient:
     def __init__(self, base_url: str, *, timeout: float = DEFAULT_TIMEOUT_S, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=_headers(api_key))
+        self._base_model: str | None = None
 
     async def __aenter__(self) -> AsyncSpectraClient:
         return self
@@ -631,6 +831,25 @@ class AsyncSpectraClient:
             raise _connection_error(self.base_url, error) from error
         return _finish(call, response)
 
+    async def _stream(self, stream: _Stream[M]) -> AsyncIterator[M]:
+        try:
+            async with self._http.stream("POST", stream.path, json=stream.json_body) as response:
+                if not response.is_success:
+                    await response.aread()
+                    raise SpectraAPIError.from_response(response)
+                async for line in response.aiter_lines():
+                    if (event := _stream_event(stream, response, line)) is not None:
+                        yield event
+        except httpx.TransportError as error:
+            raise _connection_error(self.base_url, error) from error
+
+    async def _model_id(self, model: str | None) -> str:
+        if model is not None:
+            return model
+        if self._base_model is None:
+            self._base_model = (await self.info()).model_id
+        return self._base_model
+
     # -- server ----------------------------------------------------------------------------
 
     async def health(self) -> HealthResponse:
@@ -638,6 +857,29 @@ class AsyncSpectraClient:
 
     async def info(self) -> InfoResponse:
         return await self._send(_info_call())
+
+    # -- generation ------------------------------------------------------------------------
+
+    async def generate(self, inputs: str, **options: Unpack[GenerateOptions]) -> GenerateResponse:
+        return await self._send(_generate_call(inputs, options))
+
+    def generate_stream(self, inputs: str, **options: Unpack[GenerateOptions]) -> AsyncIterator[StreamResponse]:
+        """Use as ``async for event in client.generate_stream(...)``."""
+        return self._stream(_generate_stream(inputs, options))
+
+    async def completions(
+        self, prompt: str, *, model: str | None = None, **options: Unpack[OpenAIOptions]
+    ) -> Completion:
+        return await self._send(_completion_call(await self._model_id(model), prompt, options))
+
+    async def chat(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]],
+        *,
+        model: str | None = None,
+        **options: Unpack[OpenAIOptions],
+    ) -> ChatCompletion:
+        return await self._send(_chat_call(await self._model_id(model), messages, options))
 
     # -- adapters --------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from server.engine.engine import Engine, EngineLimits
 from server.engine.model_runner import ModelRunner
 from server.finetune.job_store import JobStore
 from server.finetune.jobs import FinetuneLimits, JobManager
+from server.logging_setup import configure_logging
 from server.models.embedded import DEFAULT_MODEL_NAME, ensure_default_model
 from server.settings import ServerSettings
 
@@ -87,7 +88,7 @@ def torch_threads(requested: int) -> int:
 
 
 def serve(settings: ServerSettings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     torch.set_num_threads(torch_threads(settings.torch_threads))
     logger.info("torch intra-op threads=%d", torch.get_num_threads())
     try:
@@ -104,7 +105,8 @@ def serve(settings: ServerSettings) -> None:
         from server.api.app import create_app
 
         app = create_app(engine, settings, files=files, jobs=jobs)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+        # log_config=None: uvicorn keeps the handler configure_logging installed instead of its own.
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None)
     finally:
         jobs.stop()
         engine.stop()

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ByteSize, Field
 
+from server.logging_setup import LogFormat
+
 
 class ServerSettings(BaseModel):
     model: str | None = Field(None, description="HF model directory or hub id; None = the embedded default model")
@@ -32,5 +34,11 @@ class ServerSettings(BaseModel):
         2048, ge=16, description="padded tokens per training micro-step (the longest pause a step puts on serving)"
     )
     training_share: float = Field(0.3, gt=0, le=1, description="most engine time training takes while serving")
+    metrics_adapter_labels: int = Field(
+        100,
+        ge=0,
+        description="adapter ids with their own label in spectra_adapter_requests_total; later ones: __other__",
+    )
     torch_threads: int = Field(0, ge=0, description="intra-op CPU threads for the model; 0 = CPU cores - 1 (min 1)")
     log_level: str = "info"
+    log_format: LogFormat = Field("text", description="text lines, or one JSON object per line for collectors")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_store import native
 from server.models.embedded import ensure_default_model
@@ -382,3 +383,13 @@ def test_the_openai_sdk_drives_a_job_end_to_end(ft_server: Server) -> None:
     assert completion.model == job.fine_tuned_model
     with pytest.raises(openai.ConflictError, match="has already finished"):
         client.fine_tuning.jobs.cancel(job.id)
+
+    exposition = httpx.get(f"{ft_server.base_url}/metrics", timeout=30).text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+    assert samples[("spectra_finetune_steps_total", ())] >= 8
+    assert samples[("spectra_finetune_jobs", (("status", "succeeded"),))] >= 1
+    assert samples[("spectra_finetune_last_train_loss", ())] > 0

@@ -8,11 +8,15 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 
 from adapters_store.files import FileStore
+from server import metrics
 from server.api.body_limit import BodySizeLimitMiddleware
 from server.api.deps import get_engine
 from server.api.errors import install_error_handlers
+from server.api.http_metrics import HTTPMetricsMiddleware
+from server.api.request_id import RequestIdMiddleware
 from server.api.routes import adapters, finetune, generate, health, openai, vllm
 from server.api.routes import files as file_routes
+from server.api.routes import metrics as metrics_routes
 from server.engine.engine import Engine
 from server.finetune.jobs import JobManager
 from server.settings import ServerSettings
@@ -57,7 +61,13 @@ def create_app(
     # Added before the error handlers so the catch-all middleware wraps it.
     app.add_middleware(BodySizeLimitMiddleware, default_limit=DEFAULT_BODY_LIMIT, limits_by_path=limits_by_path)
     install_error_handlers(app)
+    # Outside the catch-all, so requests it turns into 500s are counted too.
+    app.add_middleware(HTTPMetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)  # last added, outermost: every response carries X-Request-Id
+    metrics.SERVER_STATE.bind(engine, jobs)
+    metrics.ADAPTER_LABELS.limit = settings.metrics_adapter_labels
     app.include_router(health.router)
+    app.include_router(metrics_routes.router)
     app.include_router(generate.router)
     app.include_router(openai.router)
     app.include_router(adapters.router)

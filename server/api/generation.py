@@ -16,6 +16,7 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.api.errors import error_body, error_response
+from server.api.request_id import current_request_id
 from server.api.schemas.common import MAX_SEED
 from server.engine.engine import Engine, RequestHandle
 from server.engine.types import EngineError, FinishEvent, GenerationRequest, SamplingParams
@@ -91,7 +92,9 @@ def submit(
     param_names: Mapping[str, str],
 ) -> RequestHandle:
     """Submit, renaming the engine's ``param`` (its own field names) to the field the client sent."""
-    request = GenerationRequest(prompt_ids=prompt_ids, params=params, adapters=adapters, request_id=uuid.uuid4().hex)
+    # The HTTP request's id (X-Request-Id), so the response ids and every log line about it agree.
+    request_id = current_request_id() or uuid.uuid4().hex
+    request = GenerationRequest(prompt_ids=prompt_ids, params=params, adapters=adapters, request_id=request_id)
     try:
         return engine.submit(request)
     except EngineError as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from adapters_store.ids import InvalidAdapterIdError, parse_ref, validate_adapte
 from adapters_store.index import AdapterRecord
 from adapters_store.store import AdapterStore
 from adapters_store.validation import validate_adapter
+from server import metrics
 from server.engine.types import EngineError, UnknownAdapterError
 from server.spectral.adapter import SpectralAdapter
 from server.spectral.bank import AdapterBank
@@ -69,6 +71,7 @@ class AdapterVersion:
     leases: int = 0
     pinned: bool = False
     deleted: bool = False
+    read_seconds: float = 0.0  # reading and parsing the stored file, counted in the load latency
 
     @property
     def key(self) -> tuple[str, int]:
@@ -258,8 +261,10 @@ class AdapterRegistry:
             if version is not None and self._take_locked(version, pin):
                 return version
         if version is None:
+            started = time.perf_counter()
             parsed = adapter or self._read(record)
             version = AdapterVersion(record.adapter_id, record.version, parsed, resident_cost(parsed))
+            version.read_seconds = time.perf_counter() - started
         with self._lock:
             version = self._versions.setdefault(key, version)
             if not self._take_locked(version, pin):
@@ -321,7 +326,10 @@ class AdapterRegistry:
                 victims = self._evict_for_locked(version.cost)
             self._unload_slots(victims)
             assert version.adapter is not None, "a version without a slot keeps its parsed adapter"
+            started = time.perf_counter()
             slot = self.bank.load(version.adapter)
+            metrics.ADAPTER_LOAD_SECONDS.observe(version.read_seconds + time.perf_counter() - started)
+            metrics.ADAPTER_LOADS.inc()
             with self._lock:
                 version.slot = slot
                 version.adapter = None
@@ -344,6 +352,7 @@ class AdapterRegistry:
             if not version.held:
                 victims.append(self._forget_locked(version))
                 self.evictions += 1
+                metrics.ADAPTER_EVICTIONS.inc()
                 logger.info("adapter evicted id=%s version=%d", version.adapter_id, version.version)
         return victims
 

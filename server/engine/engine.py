@@ -25,6 +25,7 @@ from importlib.metadata import version as installed_version
 import torch
 from transformers import DynamicCache
 
+from server import metrics
 from server.engine import kv_cache
 from server.engine.adapters import AdapterLease, AdapterRegistry
 from server.engine.model_runner import ModelRunner, StepInputs
@@ -109,7 +110,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     tokens: list[TokenEvent] = field(default_factory=list)
     text: str = ""
-    admitted_at: float = field(default_factory=time.monotonic)
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
 
     @property
     def weights(self) -> list[float]:
@@ -170,6 +172,14 @@ class Engine:
     def is_ready(self) -> bool:
         return self._ready and self._thread.is_alive()
 
+    @property
+    def queue_length(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running) + len(self._prefilling)
+
     def adapter_ids(self) -> list[str]:
         return self.registry.ids()
 
@@ -193,8 +203,8 @@ class Engine:
                 "resident_bytes": self.registry.resident_bytes,
                 "memory_budget_bytes": self.registry.memory_budget_bytes,
             },
-            "running_requests": len(self._running) + len(self._prefilling),
-            "queued_requests": len(self._waiting),
+            "running_requests": self.running_count,
+            "queued_requests": self.queue_length,
             "version": self._version,
         }
 
@@ -224,6 +234,8 @@ class Engine:
                 raise QueueFullError(f"the queue is full ({self.limits.max_queue} requests waiting); retry later")
             self._waiting.append(sequence)
             self._wakeup.notify()
+        for adapter_id in request.adapters or [None]:
+            metrics.ADAPTER_REQUESTS.labels(metrics.ADAPTER_LABELS.label(adapter_id)).inc()
         return handle
 
     def _validate(self, request: GenerationRequest) -> None:
@@ -305,6 +317,7 @@ class Engine:
         with self._wakeup:
             while self._waiting and len(self._running) + len(self._prefilling) < self.limits.max_batch_size:
                 sequence = self._waiting.popleft()
+                metrics.QUEUE_TIME.observe(time.monotonic() - sequence.submitted_at)
                 sequence.slots = [lease.slot() for lease, _ in sequence.leases]
                 self._prefilling.append(sequence)
 
@@ -399,6 +412,7 @@ class Engine:
         else:
             self._cache, self._mask = kv_cache.concat(self._cache, self._mask, cache, mask)
         self._running.extend(sequences)
+        metrics.PROMPT_TOKENS.inc(sum(sequence.prompt.numel() for sequence in sequences))
         self._emit(sequences, logits, first_row=len(self._running) - len(sequences))
 
     def _decode(self) -> None:
@@ -409,12 +423,14 @@ class Engine:
         positions = self._mask.sum(-1, keepdim=True)
         self._mask = torch.cat([self._mask, torch.ones(rows, 1, dtype=self._mask.dtype, device=device)], dim=1)
         slots, weights = self._routing(self._running, 1)
+        metrics.BATCH_SIZE.observe(rows)
         logits = self.runner.forward(StepInputs(input_ids, self._mask, positions, slots, weights), self._cache)
         self._emit(self._running, logits, first_row=0)
 
     def _emit(self, sequences: list[Sequence], logits: torch.Tensor, first_row: int) -> None:
         """Sample one token per sequence, stream it, and retire finished rows from the batch."""
         logits = logits.cpu()
+        metrics.GENERATION_TOKENS.inc(len(sequences))
         finished: dict[int, tuple[Sequence, FinishReason]] = {}
         for offset, sequence in enumerate(sequences):
             seen = torch.cat([sequence.prompt, torch.tensor(sequence.generated, dtype=torch.long)])
@@ -429,6 +445,9 @@ class Engine:
 
     def _append_token(self, sequence: Sequence, token: int, logprob: float) -> FinishReason | None:
         sequence.generated.append(token)
+        if sequence.first_token_at is None:
+            sequence.first_token_at = time.monotonic()
+            metrics.TIME_TO_FIRST_TOKEN.observe(sequence.first_token_at - sequence.submitted_at)
         special = token in self.tokenizer.all_special_ids
         if special:
             text = self.tokenizer.decode([token])
@@ -461,6 +480,11 @@ class Engine:
         self._mask = kv_cache.select_rows(self._cache, self._mask, torch.tensor(keep, device=self._mask.device))
 
     def _finish(self, sequence: Sequence, reason: FinishReason) -> None:
+        now = time.monotonic()
+        metrics.REQUESTS_FINISHED.labels(reason).inc()
+        metrics.E2E_LATENCY.observe(now - sequence.submitted_at)
+        if sequence.first_token_at is not None and len(sequence.generated) > 1:
+            metrics.TIME_PER_OUTPUT_TOKEN.observe((now - sequence.first_token_at) / (len(sequence.generated) - 1))
         if reason != "cancelled":
             final = self.tokenizer.decode(sequence.generated, skip_special_tokens=True)
             if reason != "stop_sequence":

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save
 from adapters_store.durable import write_atomically
 from adapters_store.files import FileStore, UnknownCursorError
 from adapters_store.ids import validate_adapter_id
+from server import metrics
 from server.engine.engine import Engine
 from server.engine.types import EngineError, EngineStoppedError
 from server.finetune.data import TrainingExample, TrainingFileError, parse_training_file
@@ -387,6 +388,8 @@ class JobManager:
                 )
                 loss = LossSum(loss.total + part.total, loss.tokens + part.tokens)
             learning_rate = trainer.optimizer_step()
+            metrics.FINETUNE_STEPS.inc()
+            metrics.FINETUNE_LAST_LOSS.set(loss.mean)
             step_tokens = sum(example.n_tokens for example in batch)
             trained_tokens += step_tokens
             elapsed = time.monotonic() - step_started
