@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -76,6 +78,19 @@ def activity(message: str) -> Iterator[None]:
         return
     with Console(stderr=True).status(message):
         yield
+
+
+@contextlib.contextmanager
+def upload_progress(path: Path) -> Iterator[Callable[[int], None] | None]:
+    """A byte progress bar on stderr for an upload of ``path`` (only when stderr is a terminal); yields the
+    callback to give the SDK, or None."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    columns = (TextColumn("Uploading {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(path.name, total=path.stat().st_size)
+        yield lambda sent: bar.advance(task, sent)
 
 
 def print_json(model: BaseModel) -> None:

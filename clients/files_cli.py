@@ -22,11 +22,11 @@ from clients.cli_common import (
     Target,
     TimeoutOption,
     UrlOption,
-    activity,
     connect,
     human_size,
     print_json,
     timestamp,
+    upload_progress,
 )
 
 if TYPE_CHECKING:
@@ -87,8 +87,8 @@ def upload(
     as_json: JsonOption = False,
 ) -> None:
     """Upload a training file; the server checks every line and names the invalid ones."""
-    with connect(ctx) as client, activity(f"Uploading {path}..."):
-        uploaded = client.upload_file(path, purpose=purpose)
+    with connect(ctx) as client, upload_progress(path) as progress:
+        uploaded = client.upload_file(path, purpose=purpose, progress=progress)
     if as_json:
         print_json(uploaded)
         return

@@ -31,11 +31,11 @@ from clients.cli_common import (
     Target,
     TimeoutOption,
     UrlOption,
-    activity,
     connect,
     fail,
     print_json,
     timestamp,
+    upload_progress,
 )
 
 if TYPE_CHECKING:
@@ -102,8 +102,8 @@ def _training_file_id(client: SpectraClient, value: str, option: str, as_json: b
         if value.startswith("file-"):
             return value
         raise typer.BadParameter(f"{value!r} is neither a file nor an uploaded file's id (file-...)", param_hint=option)
-    with activity(f"Uploading {path}..."):
-        uploaded = client.upload_file(path)
+    with upload_progress(path) as progress:
+        uploaded = client.upload_file(path, progress=progress)
     if not as_json:  # stdout holds only JSON for scripts
         typer.echo(f"Uploaded {path} as {uploaded.id}")
     return uploaded.id

@@ -426,10 +426,25 @@ def _id_path(prefix: str, resource_id: str, suffix: str = "") -> str:
     return f"{prefix}/{quote(resource_id, safe='')}{suffix}"
 
 
-def _upload_file_call(path: Path, purpose: str) -> _Call[FileObject]:
+class _ProgressReader(io.BytesIO):
+    """The upload's bytes, reporting each chunk httpx reads to ``progress`` as the body is sent."""
+
+    def __init__(self, data: bytes, progress: Callable[[int], None]):
+        super().__init__(data)
+        self._progress = progress
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(size)
+        self._progress(len(chunk))
+        return chunk
+
+
+def _upload_file_call(path: Path, purpose: str, progress: Callable[[int], None] | None) -> _Call[FileObject]:
     if not path.is_file():
         raise SpectraError(f"{path} is not a file")
-    files = [("file", (path.name, path.read_bytes(), "application/jsonl"))]
+    data = path.read_bytes()
+    body = data if progress is None else _ProgressReader(data, progress)
+    files = [("file", (path.name, body, "application/jsonl"))]
     return _Call("POST", "/v1/files", _model(FileObject), data={"purpose": purpose}, files=files)
 
 
@@ -709,9 +724,14 @@ class SpectraClient:
 
     # -- training files --------------------------------------------------------------------
 
-    def upload_file(self, path: Path | str, purpose: str = "fine-tune") -> FileObject:
-        """Upload a JSONL training file; the server checks every line first (a 422 lists the bad ones)."""
-        return self._send(_upload_file_call(Path(path), purpose))
+    def upload_file(
+        self, path: Path | str, purpose: str = "fine-tune", progress: Callable[[int], None] | None = None
+    ) -> FileObject:
+        """Upload a JSONL training file; the server checks every line first (a 422 lists the bad ones).
+
+        ``progress`` is called with the size of each chunk of the file as it is sent.
+        """
+        return self._send(_upload_file_call(Path(path), purpose, progress))
 
     def list_files(self, purpose: str | None = None, after: str | None = None, limit: int = 100) -> FileList:
         """One page, newest first; pass the page's ``last_id`` as ``after`` for the next."""
@@ -920,8 +940,10 @@ class AsyncSpectraClient:
 
     # -- training files --------------------------------------------------------------------
 
-    async def upload_file(self, path: Path | str, purpose: str = "fine-tune") -> FileObject:
-        call = await anyio.to_thread.run_sync(_upload_file_call, Path(path), purpose)
+    async def upload_file(
+        self, path: Path | str, purpose: str = "fine-tune", progress: Callable[[int], None] | None = None
+    ) -> FileObject:
+        call = await anyio.to_thread.run_sync(_upload_file_call, Path(path), purpose, progress)
         return await self._send(call)
 
     async def list_files(self, purpose: str | None = None, after: str | None = None, limit: int = 100) -> FileList:

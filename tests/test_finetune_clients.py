@@ -188,6 +188,17 @@ def test_files_upload_list_content_and_delete(client: SpectraClient, train_path:
     assert "line 3: field 'prompt' must be a string" in caught.value.message
 
 
+def test_upload_progress_reports_every_byte_in_chunks(client: SpectraClient, tmp_path: Path) -> None:
+    line = json.dumps({"prompt": "p" * 40, "completion": " c"}) + "\n"
+    path = tmp_path / "large.jsonl"
+    path.write_text(line * 4000)
+    chunks: list[int] = []
+    uploaded = client.upload_file(path, progress=chunks.append)
+    assert uploaded.bytes == path.stat().st_size == sum(chunks)
+    assert len([chunk for chunk in chunks if chunk]) > 1, "a file over one chunk is reported as it is sent"
+    client.delete_file(uploaded.id)
+
+
 def test_a_followed_job_reports_each_step_once_then_succeeds_and_its_adapter_serves(
     client: SpectraClient, server: Server, train_file: FileObject, monkeypatch: pytest.MonkeyPatch
 ) -> None:
