@@ -17,40 +17,24 @@ from rich.table import Table
 from rich.text import Text
 
 from clients.cli_common import (
-    DEFAULT_TIMEOUT_S,
-    DEFAULT_URL,
-    ApiKeyOption,
     JsonOption,
-    Target,
-    TimeoutOption,
-    UrlOption,
     activity,
     connect,
     human_size,
     print_json,
+    server_command_group,
     timestamp,
 )
 
 if TYPE_CHECKING:
     from clients.sdk import AdapterObject
 
-adapters_app = typer.Typer(help="Upload, list, show, download and delete stored adapters.", no_args_is_help=True)
+adapters_app = server_command_group("Upload, list, show, download and delete stored adapters.")
 
 
 class DownloadFormat(StrEnum):
     native = "native"
     peft = "peft"
-
-
-@adapters_app.callback()
-def adapters(
-    ctx: typer.Context,
-    url: UrlOption = DEFAULT_URL,
-    api_key: ApiKeyOption = None,
-    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
-) -> None:
-    """Manage the adapter store of a running server."""
-    ctx.obj = Target(url, api_key, timeout)
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -51,6 +51,23 @@ def fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
+def server_command_group(help_text: str) -> typer.Typer:
+    """A command group that talks to a running server: ``--url``, ``--api-key`` and ``--timeout`` are the
+    group's options, stored on the context for :func:`connect`."""
+    group = typer.Typer(help=help_text, no_args_is_help=True)
+
+    @group.callback()
+    def target(
+        ctx: typer.Context,
+        url: UrlOption = DEFAULT_URL,
+        api_key: ApiKeyOption = None,
+        timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        ctx.obj = Target(url, api_key, timeout)
+
+    return group
+
+
 @contextlib.contextmanager
 def connect(ctx: typer.Context) -> Iterator[SpectraClient]:
     """A client for the ``--url`` server; SDK errors become messages on stderr and exit codes."""

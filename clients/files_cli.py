@@ -15,16 +15,11 @@ from rich.table import Table
 from rich.text import Text
 
 from clients.cli_common import (
-    DEFAULT_TIMEOUT_S,
-    DEFAULT_URL,
-    ApiKeyOption,
     JsonOption,
-    Target,
-    TimeoutOption,
-    UrlOption,
     connect,
     human_size,
     print_json,
+    server_command_group,
     timestamp,
     upload_progress,
 )
@@ -32,20 +27,9 @@ from clients.cli_common import (
 if TYPE_CHECKING:
     from clients.sdk import FileObject
 
-files_app = typer.Typer(help="Upload, list, show and delete fine-tuning training files.", no_args_is_help=True)
+files_app = server_command_group("Upload, list, show and delete fine-tuning training files.")
 
 FileIdArgument = Annotated[str, typer.Argument(metavar="FILE_ID", help="'file-...', as upload printed it.")]
-
-
-@files_app.callback()
-def files(
-    ctx: typer.Context,
-    url: UrlOption = DEFAULT_URL,
-    api_key: ApiKeyOption = None,
-    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
-) -> None:
-    """Manage the training files of a running server."""
-    ctx.obj = Target(url, api_key, timeout)
 
 
 def _status(file: FileObject) -> Text:

@@ -23,17 +23,14 @@ from rich.table import Table
 from rich.text import Text
 
 from clients.cli_common import (
-    DEFAULT_TIMEOUT_S,
     DEFAULT_URL,
     EXIT_API_ERROR,
-    ApiKeyOption,
     JsonOption,
     Target,
-    TimeoutOption,
-    UrlOption,
     connect,
     fail,
     print_json,
+    server_command_group,
     timestamp,
     upload_progress,
 )
@@ -48,9 +45,7 @@ STATUS_STYLES = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}
 LEVEL_STYLES = {"warn": "yellow", "error": "red"}
 N = TypeVar("N", int, float)
 
-finetune_app = typer.Typer(
-    help="Fine-tune adapters of the served model: create, follow, list, show, cancel jobs.", no_args_is_help=True
-)
+finetune_app = server_command_group("Fine-tune adapters of the served model: create, follow, list, show, cancel jobs.")
 
 JobIdArgument = Annotated[str, typer.Argument(metavar="JOB_ID", help="'ftjob-...', as create printed it.")]
 
@@ -63,17 +58,6 @@ class AdapterType(StrEnum):
 class Init(StrEnum):
     zeros = "zeros"
     normal = "normal"
-
-
-@finetune_app.callback()
-def finetune(
-    ctx: typer.Context,
-    url: UrlOption = DEFAULT_URL,
-    api_key: ApiKeyOption = None,
-    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
-) -> None:
-    """Manage the fine-tuning jobs of a running server."""
-    ctx.obj = Target(url, api_key, timeout)
 
 
 # -- helpers -----------------------------------------------------------------------------------

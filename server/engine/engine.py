@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version as installed_version
+from typing import TypeVar, cast
 
 import torch
 from transformers import DynamicCache
@@ -41,6 +42,8 @@ from server.engine.types import (
 )
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ class Engine:
         self._thread.join(timeout=30)
         self._ready = False
 
-    def run_training(self, work: Callable[[], object]) -> object:
+    def run_training(self, work: Callable[[], T]) -> T:
         """Run ``work`` (one fine-tuning micro-step) on the engine thread under the serving-first policy.
 
         Blocks the calling (job) thread until it ran; re-raises what ``work`` raised.
@@ -167,7 +170,7 @@ class Engine:
         task.done.wait()
         if task.error is not None:
             raise task.error
-        return task.result
+        return cast(T, task.result)
 
     def is_ready(self) -> bool:
         return self._ready and self._thread.is_alive()
@@ -291,6 +294,8 @@ class Engine:
             self._decode()
 
     def _train_if_due(self) -> None:
+        if not self._training:  # the common case, checked without taking the lock every iteration
+            return
         with self._wakeup:
             if not self._training or (self._serving_work() and time.monotonic() < self._training_due_at):
                 return

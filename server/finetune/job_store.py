@@ -163,10 +163,11 @@ class JobStore:
         seed: int,
         adapter_id: str,
         request: dict[str, Any],
+        adapter: dict[str, Any],
     ) -> JobRecord:
         self._execute(
             "INSERT INTO jobs (id, created_at, status, model, training_file, validation_file, suffix, seed, "
-            "adapter_id, request) VALUES (?, ?, 'validating_files', ?, ?, ?, ?, ?, ?, ?)",
+            "adapter_id, request, adapter) VALUES (?, ?, 'validating_files', ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job_id,
                 int(time.time()),
@@ -177,6 +178,7 @@ class JobStore:
                 seed,
                 adapter_id,
                 json.dumps(request, sort_keys=True),
+                json.dumps(adapter, sort_keys=True),
             ),
         )
         job = self.get_job(job_id)

@@ -174,8 +174,8 @@ class JobManager:
             seed=seed,
             adapter_id=adapter_id,
             request={"hyperparameters": hyperparameters, "adapter": adapter, "metadata": metadata},
+            adapter=spec.as_dict(),
         )
-        job = self.store.update_job(job_id, adapter=spec.as_dict())
         self.store.add_event(job_id, f"Created fine-tuning job {job_id}")
         logger.info("finetune job created id=%s method=%s adapter_id=%s", job_id, spec.method, adapter_id)
         self._launch(job_id, resumed=False)
@@ -346,7 +346,7 @@ class JobManager:
     def _engine_step(self, live: _LiveJob, work: Callable[[], T]) -> T:
         if live.cancel.is_set():
             raise JobCancelledError
-        return self.engine.run_training(work)  # type: ignore[return-value]
+        return self.engine.run_training(work)
 
     def _train(
         self,
