@@ -22,10 +22,14 @@ class BlobStore:
         return self.root / sha256[:2] / sha256
 
     def put(self, data: bytes) -> str:
-        """Store ``data`` durably and return its sha256; storing the same bytes twice is a no-op."""
+        """Store ``data`` durably and return its sha256; storing the same bytes twice is a no-op.
+
+        A stored copy that no longer hashes to its name (damaged on disk) is replaced: uploading the
+        same file again is how a broken version is repaired, so it must not be skipped as a duplicate.
+        """
         sha256 = hashlib.sha256(data).hexdigest()
         target = self.path(sha256)
-        if target.exists():
+        if target.exists() and self.verify(sha256) is None:
             return sha256
         target.parent.mkdir(exist_ok=True)
         write_atomically(target, data, self.tmp)

@@ -1,9 +1,11 @@
-"""The two primitives every store here is built on: atomic durable writes and one process per directory."""
+"""The primitives every store here is built on: atomic durable writes, one process per directory, and
+additive schema upgrades of its SQLite tables."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import TextIO
@@ -46,3 +48,11 @@ def lock_directory(root: Path, what: str) -> TextIO:
         lock_file.close()
         raise StoreLockedError(f"the {what} {root} is in use by another process") from error
     return lock_file
+
+
+def ensure_columns(db: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
+    """Add ``columns`` (name -> SQL type and default) that a table created by an older release lacks."""
+    present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    for name, definition in columns.items():
+        if name not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")

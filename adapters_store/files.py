@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters_store.blobs import BlobCorruptError, BlobStore
-from adapters_store.durable import lock_directory
+from adapters_store.durable import ensure_columns, lock_directory
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,15 @@ CREATE TABLE IF NOT EXISTS files (
     sha256 TEXT NOT NULL,
     created_at INTEGER NOT NULL,
     examples INTEGER NOT NULL,
-    broken TEXT
+    broken TEXT,
+    namespace TEXT,
+    public INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS files_sha ON files (sha256);
 """
-_COLUMNS = "id, filename, purpose, bytes, sha256, created_at, examples, broken"
+_COLUMNS = "id, filename, purpose, bytes, sha256, created_at, examples, broken, namespace, public"
+# Added after the first release; older files.sqlite3 get them on open.
+_ADDED_COLUMNS = {"namespace": "TEXT", "public": "INTEGER NOT NULL DEFAULT 0"}
 
 
 class FileBrokenError(RuntimeError):
@@ -60,10 +64,14 @@ class FileRecord:
     created_at: int
     examples: int
     broken: str | None
+    namespace: str | None = None
+    public: bool = False
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FileRecord:
-        return cls(**dict(row))
+        values = dict(row)
+        values["public"] = bool(values["public"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,7 @@ class FileStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        ensure_columns(self._db, "files", _ADDED_COLUMNS)
         self.recovery = self._recover()
 
     def _recover(self) -> FileRecoveryReport:
@@ -125,8 +134,17 @@ class FileStore:
         with self._lock:
             self._db.execute("UPDATE files SET broken = ? WHERE id = ?", (reason, file_id))
 
-    def put(self, data: bytes, *, filename: str, purpose: str, examples: int) -> FileRecord:
-        """Store a validated file under a new id; durable when this returns."""
+    def put(
+        self,
+        data: bytes,
+        *,
+        filename: str,
+        purpose: str,
+        examples: int,
+        namespace: str | None = None,
+        public: bool = False,
+    ) -> FileRecord:
+        """Store a validated file under a new id, owned by ``namespace``; durable when this returns."""
         sha256 = self.blobs.put(data)
         record = FileRecord(
             id=new_file_id(),
@@ -137,6 +155,8 @@ class FileStore:
             created_at=int(time.time()),
             examples=examples,
             broken=None,
+            namespace=namespace,
+            public=public,
         )
         with self._blob_lock:
             # A delete of another file with these bytes may have removed the blob since it was written.
@@ -144,8 +164,8 @@ class FileStore:
                 self.blobs.put(data)
             with self._lock:
                 self._db.execute(
-                    f"INSERT INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-                    (record.id, filename, purpose, record.bytes, sha256, record.created_at, examples),
+                    f"INSERT INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                    (record.id, filename, purpose, len(data), sha256, record.created_at, examples, namespace, public),
                 )
         logger.info("training file stored id=%s bytes=%d examples=%d", record.id, record.bytes, examples)
         return record
@@ -155,8 +175,13 @@ class FileStore:
             row = self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
         return FileRecord.from_row(row) if row else None
 
-    def list(self, *, purpose: str | None = None, after: str | None = None, limit: int = 100) -> list[FileRecord]:
-        """Newest first; ``after`` is the last id of the previous page (:class:`UnknownCursorError` if gone)."""
+    def list(
+        self, *, purpose: str | None = None, after: str | None = None, limit: int = 100, visible_to: str | None = None
+    ) -> list[FileRecord]:
+        """Newest first; ``after`` is the last id of the previous page (:class:`UnknownCursorError` if gone).
+
+        ``visible_to`` keeps the files a caller of that namespace may see: its own, un-owned and public ones.
+        """
         with self._lock:
             before = None
             if after is not None:
@@ -166,8 +191,9 @@ class FileStore:
                 before = row[0]
             rows = self._db.execute(
                 f"""SELECT {_COLUMNS} FROM files WHERE (?1 IS NULL OR purpose = ?1) AND (?2 IS NULL OR seq < ?2)
+                    AND (?4 IS NULL OR namespace IS NULL OR namespace = ?4 OR public = 1)
                     ORDER BY seq DESC LIMIT ?3""",
-                (purpose, before, limit),
+                (purpose, before, limit, visible_to),
             ).fetchall()
         return [FileRecord.from_row(row) for row in rows]
 

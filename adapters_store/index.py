@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapters_store.durable import ensure_columns
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapter_versions (
     adapter_id TEXT NOT NULL,
@@ -25,6 +27,7 @@ CREATE TABLE IF NOT EXISTS adapter_versions (
     created_at REAL NOT NULL,
     broken TEXT,
     pinned INTEGER NOT NULL DEFAULT 0,
+    public INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (adapter_id, version)
 );
 CREATE INDEX IF NOT EXISTS adapter_versions_sha ON adapter_versions (sha256);
@@ -33,6 +36,10 @@ CREATE TABLE IF NOT EXISTS adapter_ids (
     last_version INTEGER NOT NULL
 );
 """
+# Which versions a caller of namespace :namespace may see (NULL: every one): its own ids, the server's
+# un-namespaced ones, and public ones.
+_VISIBLE = """(:namespace IS NULL OR instr(v.adapter_id, '/') = 0 OR v.public = 1
+              OR substr(v.adapter_id, 1, length(:namespace) + 1) = :namespace || '/')"""
 
 
 @dataclass(frozen=True)
@@ -50,13 +57,21 @@ class AdapterRecord:
     created_at: float
     broken: str | None
     pinned: bool
+    public: bool
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> AdapterRecord:
         values = dict(row)
         values["metadata"] = json.loads(values["metadata"])
         values["pinned"] = bool(values["pinned"])
+        values["public"] = bool(values["public"])
         return cls(**values)
+
+    @property
+    def namespace(self) -> str | None:
+        """The owner of a ``namespace/name`` id; None for the server's own un-namespaced ids."""
+        namespace, slash, _ = self.adapter_id.partition("/")
+        return namespace if slash else None
 
 
 class AdapterIndex:
@@ -69,6 +84,7 @@ class AdapterIndex:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        ensure_columns(self._db, "adapter_versions", {"public": "INTEGER NOT NULL DEFAULT 0"})
 
     def close(self) -> None:
         with self._lock:
@@ -87,6 +103,7 @@ class AdapterIndex:
         description: str = "",
         metadata: dict[str, Any] | None = None,
         pinned: bool = False,
+        public: bool = False,
     ) -> AdapterRecord:
         """Commit the next version of ``adapter_id``; returns its record once durable."""
         with self._lock:
@@ -101,7 +118,9 @@ class AdapterIndex:
                 ).fetchone()
                 version = int(row[0])
                 self._db.execute(
-                    "INSERT INTO adapter_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                    """INSERT INTO adapter_versions (adapter_id, version, sha256, method, n_params, size_bytes,
+                       source_format, base_model, description, metadata, created_at, pinned, public)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     (
                         adapter_id,
                         version,
@@ -115,6 +134,7 @@ class AdapterIndex:
                         json.dumps(metadata or {}),
                         time.time(),
                         int(pinned),
+                        int(public),
                     ),
                 )
                 self._db.execute("COMMIT")
@@ -139,26 +159,41 @@ class AdapterIndex:
         with self._lock:
             return self._get_locked(adapter_id, version)
 
-    def list_latest(self, *, prefix: str = "", after: str = "", limit: int = 100) -> list[AdapterRecord]:
-        """Latest version of each id starting with ``prefix``, ids after the cursor ``after``, in id order."""
+    def list_latest(
+        self, *, prefix: str = "", after: str = "", limit: int = 100, visible_to: str | None = None
+    ) -> list[AdapterRecord]:
+        """Latest version of each id starting with ``prefix``, ids after the cursor ``after``, in id order.
+
+        ``visible_to`` keeps the ids a caller of that namespace may see: its own, the server's
+        un-namespaced ones, and those whose latest version is public.
+        """
         with self._lock:
             rows = self._db.execute(
-                """SELECT v.* FROM adapter_versions v
+                f"""SELECT v.* FROM adapter_versions v
                    JOIN (SELECT adapter_id, MAX(version) AS version FROM adapter_versions
-                         WHERE adapter_id >= ? AND adapter_id > ? AND substr(adapter_id, 1, ?) = ?
-                         GROUP BY adapter_id ORDER BY adapter_id LIMIT ?) latest
-                   USING (adapter_id, version) ORDER BY v.adapter_id""",
-                (prefix, after, len(prefix), prefix, limit),
+                         WHERE adapter_id >= :prefix AND adapter_id > :after
+                               AND substr(adapter_id, 1, :prefix_length) = :prefix
+                         GROUP BY adapter_id) latest
+                   USING (adapter_id, version)
+                   WHERE {_VISIBLE} ORDER BY v.adapter_id LIMIT :limit""",
+                {
+                    "prefix": prefix,
+                    "after": after,
+                    "prefix_length": len(prefix),
+                    "namespace": visible_to,
+                    "limit": limit,
+                },
             ).fetchall()
         return [AdapterRecord.from_row(row) for row in rows]
 
-    def latest_ids(self) -> list[str]:
-        """Ids whose latest version is servable (not broken), in id order."""
+    def latest_ids(self, *, visible_to: str | None = None) -> list[str]:
+        """Ids whose latest version is servable (not broken), in id order; ``visible_to`` as in :meth:`list_latest`."""
         with self._lock:
             rows = self._db.execute(
-                """SELECT v.adapter_id FROM adapter_versions v
+                f"""SELECT v.adapter_id FROM adapter_versions v
                    JOIN (SELECT adapter_id, MAX(version) AS version FROM adapter_versions GROUP BY adapter_id) latest
-                   USING (adapter_id, version) WHERE v.broken IS NULL ORDER BY v.adapter_id"""
+                   USING (adapter_id, version) WHERE v.broken IS NULL AND {_VISIBLE} ORDER BY v.adapter_id""",
+                {"namespace": visible_to},
             ).fetchall()
         return [row[0] for row in rows]
 

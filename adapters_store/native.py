@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
 FORMAT_NAME = "spectra.adapter"
 FORMAT_VERSION = "1"
 SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION,)
+MAX_DIM = (1 << 31) - 1  # a layer dimension; int32 locations must be able to index it
 
 
 def _location_tensor(spectrum: ModuleSpectrum) -> torch.Tensor:
@@ -68,6 +70,25 @@ def _with_sorted_metadata(data: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
+def loads_json(text: str | bytes, what: str) -> Any:
+    """``json.loads`` for untrusted input: every way it can fail is an :class:`AdapterFormatError` naming ``what``.
+
+    Besides syntax errors that means nesting deeper than the interpreter's recursion limit
+    (``RecursionError``), integers longer than Python's 4300-digit conversion limit (a plain
+    ``ValueError``) and bytes that are not UTF-8.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise AdapterFormatError(f"{what} is not valid JSON ({error.msg} at char {error.pos})") from error
+    except UnicodeDecodeError as error:
+        raise AdapterFormatError(f"{what} is not valid JSON (not UTF-8 text at byte {error.start})") from error
+    except RecursionError as error:
+        raise AdapterFormatError(f"{what} is not valid JSON (nested too deeply)") from error
+    except ValueError as error:  # int digits over sys.get_int_max_str_digits()
+        raise AdapterFormatError(f"{what} is not valid JSON (a number has too many digits)") from error
+
+
 def read_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if len(data) < 8:
         raise AdapterFormatError(f"file is {len(data)} bytes: too short to be safetensors")
@@ -78,21 +99,22 @@ def read_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, st
             "truncated or not a safetensors file"
         )
     try:
-        header = json.loads(data[8 : 8 + header_length])
+        # safetensors parses (and bounds) the header itself first; our json.loads then only sees a header
+        # that is already valid, so it cannot recurse deeply or meet a giant integer.
         tensors = load_safetensors(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError) as error:
+    except (SafetensorError, ValueError) as error:
         raise AdapterFormatError(f"not a valid safetensors file ({error})") from error
+    header = loads_json(data[8 : 8 + header_length], "the safetensors header")
     if not isinstance(header, dict):
         raise AdapterFormatError("safetensors header is not a JSON object")
     metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise AdapterFormatError("safetensors '__metadata__' is not a JSON object")
     return tensors, metadata
 
 
 def _json_field(metadata: dict[str, str], key: str) -> Any:
-    try:
-        return json.loads(metadata.get(key) or "{}")
-    except json.JSONDecodeError as error:
-        raise AdapterFormatError(f"metadata field {key!r} is not valid JSON ({error.msg})") from error
+    return loads_json(metadata.get(key) or "{}", f"metadata field {key!r}")
 
 
 def from_bytes(data: bytes) -> SpectralAdapter:
@@ -126,7 +148,7 @@ def from_bytes(data: bytes) -> SpectralAdapter:
     try:
         parsed_seed = None if seed is None else int(seed)
     except ValueError as error:
-        raise AdapterFormatError(f"metadata 'seed' {seed!r} is not an integer") from error
+        raise AdapterFormatError(f"metadata 'seed' {_short(seed)} is not an integer") from error
     return SpectralAdapter(
         method=metadata.get("method", ""),  # type: ignore[arg-type]
         modules=modules,
@@ -142,11 +164,23 @@ def _read_module(name: str, info: Any, tensors: dict[str, torch.Tensor]) -> Modu
     if not isinstance(info, dict):
         raise AdapterFormatError("module entry must be a JSON object", where=where)
     shape = info.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) for d in shape)):
-        raise AdapterFormatError(f"'shape' must be [d_out, d_in] integers, got {shape!r}", where=where)
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_DIM for d in shape)
+    ):
+        raise AdapterFormatError(
+            f"'shape' must be [d_out, d_in], integers in [1, {MAX_DIM}], got {_short(shape)}", where=where
+        )
     scaling = info.get("scaling")
     if not isinstance(scaling, int | float) or isinstance(scaling, bool):
-        raise AdapterFormatError(f"'scaling' must be a number, got {scaling!r}", where=where)
+        raise AdapterFormatError(f"'scaling' must be a number, got {_short(scaling)}", where=where)
+    try:
+        scaling = float(scaling)
+    except OverflowError as error:  # an integer beyond float range (JSON allows any number of digits)
+        raise AdapterFormatError(f"'scaling' {_short(scaling)} is too large to be a float", where=where) from error
+    if not math.isfinite(scaling):
+        raise AdapterFormatError(f"scaling {scaling} is not finite", where=where)
     coefficients = tensors.get(f"coef.{name}")
     if coefficients is None:
         raise AdapterFormatError(f"tensor 'coef.{name}' is missing", where=where)
@@ -155,4 +189,9 @@ def _read_module(name: str, info: Any, tensors: dict[str, torch.Tensor]) -> Modu
         raise AdapterFormatError(f"locations tensor {info.get('locations')!r} is missing", where=where)
     if locations.dim() != 2 or locations.shape[0] != 2:
         raise AdapterFormatError(f"locations must have shape (2, n), got {list(locations.shape)}", where=where)
-    return ModuleSpectrum(coefficients, locations[0], locations[1], (shape[0], shape[1]), float(scaling))
+    return ModuleSpectrum(coefficients, locations[0], locations[1], (shape[0], shape[1]), scaling)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

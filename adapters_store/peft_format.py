@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import regex
 import torch
 from safetensors.torch import save as save_safetensors
 
 from adapters_store.errors import AdapterFormatError, BaseModelMismatchError, UnsupportedAdapterTypeError
-from adapters_store.native import read_safetensors
+from adapters_store.native import loads_json, read_safetensors
+from adapters_store.validation import validate_seed
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
 from server.spectral.fourierft import peft_locations
 
@@ -27,13 +31,34 @@ ACCEPTED_PEFT_TYPES = ("FOURIERFT",)
 _KEY_PREFIX = "base_model.model."
 _KEY_SUFFIX = ".fourierft_spectrum"
 _DEFAULTS = {"n_frequency": 1000, "scaling": 150.0, "random_loc_seed": 777}
+# Pattern keys and target_modules are user regexes matched against module names; a pathological one
+# (nested quantifiers) backtracks exponentially in Python's re, so they run under the `regex` module
+# with one time budget per config (and without holding the GIL, so other requests go on meanwhile).
+REGEX_BUDGET_S = 2.0
+
+
+class _RegexBudget:
+    def __init__(self, seconds: float = REGEX_BUDGET_S):
+        self.deadline = time.monotonic() + seconds
+
+    def match(self, pattern: str, text: str, *, full: bool, what: str) -> bool:
+        remaining = self.deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            matcher = regex.fullmatch if full else regex.match
+            return matcher(pattern, text, timeout=remaining, concurrent=True) is not None
+        except regex.error as error:
+            raise AdapterFormatError(f"{CONFIG_NAME}: {what} is not a valid regex ({error})") from error
+        except TimeoutError as error:
+            raise AdapterFormatError(
+                f"{CONFIG_NAME}: matching {what} against the module names took more than {REGEX_BUDGET_S:g} s; "
+                "use plain module names"
+            ) from error
 
 
 def parse_config(raw: bytes) -> dict[str, Any]:
-    try:
-        config = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterFormatError(f"{CONFIG_NAME} is not valid JSON ({error})") from error
+    config = loads_json(raw, CONFIG_NAME)
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{CONFIG_NAME} must be a JSON object")
     peft_type = config.get("peft_type")
@@ -49,32 +74,96 @@ def _config_number(config: dict[str, Any], key: str, kind: type) -> Any:
     value = config.get(key, _DEFAULTS[key])
     if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
         raise AdapterFormatError(f"{CONFIG_NAME}: {key!r} must be {'an integer' if kind is int else 'a number'}")
+    if kind is float:
+        try:
+            value = float(value)
+        except OverflowError as error:  # JSON integers have no size limit
+            raise AdapterFormatError(f"{CONFIG_NAME}: {key!r} is too large to be a float") from error
     return value
 
 
-def _expected_n(config: dict[str, Any], module: str) -> int:
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _expected_n(config: dict[str, Any], module: str, budget: _RegexBudget) -> int:
     pattern = config.get("n_frequency_pattern") or {}
     if not isinstance(pattern, dict):
         raise AdapterFormatError(f"{CONFIG_NAME}: 'n_frequency_pattern' must be an object")
     for key, n in pattern.items():
         # PEFT's own rule (peft/tuners/fourierft/model.py): the first key matching ".*\.{key}$".
-        try:
-            if re.match(rf".*\.{key}$", module):
-                return int(n)
-        except re.error as error:
-            raise AdapterFormatError(f"{CONFIG_NAME}: n_frequency_pattern key {key!r} is not a regex") from error
+        if budget.match(rf".*\.{key}$", module, full=False, what=f"n_frequency_pattern key {_short(key)}"):
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise AdapterFormatError(
+                    f"{CONFIG_NAME}: n_frequency_pattern[{_short(key)}] must be an integer, got {_short(n)}"
+                )
+            return n
     return _config_number(config, "n_frequency", int)
+
+
+def _suffixes(module: str) -> list[str]:
+    """``a.b.c`` -> ``[a.b.c, b.c, c]``: the names a PEFT ``target_modules`` list entry selects it by."""
+    parts = module.split(".")
+    return [".".join(parts[index:]) for index in range(len(parts))]
+
+
+def _check_targets(
+    config: dict[str, Any], modules: Iterable[str], base_modules: Iterable[str], budget: _RegexBudget
+) -> None:
+    """``target_modules`` must name modules of the served model and select every module in the weights.
+
+    PEFT's rules: a list entry selects a module named exactly that or ending in ``.<entry>``; a
+    string is a regex the whole name must match. PEFT refuses a config none of whose targets exist;
+    an entry the served model lacks means the adapter was made for another model, so it is refused
+    too. A spectrum for a module the targets do not select is one PEFT would silently drop.
+    """
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return
+    base_modules = list(base_modules)
+    if isinstance(targets, str):
+        what = f"target_modules {_short(targets)}"
+
+        def selected(module: str) -> bool:
+            return budget.match(targets, module, full=True, what=what)
+
+        if not any(selected(module) for module in base_modules):
+            raise BaseModelMismatchError(f"{CONFIG_NAME}: {what} matches no linear layer of the base model")
+    elif isinstance(targets, list) and all(isinstance(target, str) for target in targets):
+        known = {suffix for module in base_modules for suffix in _suffixes(module)}
+        missing = [target for target in targets if target not in known]
+        if missing:
+            raise BaseModelMismatchError(
+                f"{CONFIG_NAME}: target module {_short(missing[0])} does not exist in the base model "
+                "(or is not a linear layer)"
+            )
+        wanted = set(targets)
+
+        def selected(module: str) -> bool:
+            return any(suffix in wanted for suffix in _suffixes(module))
+
+    else:
+        raise AdapterFormatError(f"{CONFIG_NAME}: 'target_modules' must be a list of module names or a regex string")
+    for module in modules:
+        if not selected(module):
+            raise AdapterFormatError(
+                f"{WEIGHTS_NAME} holds a spectrum for {module!r}, which target_modules {_short(targets)} "
+                "does not select"
+            )
 
 
 def from_peft(config_raw: bytes, weights_raw: bytes, base_shapes: dict[str, tuple[int, int]]) -> SpectralAdapter:
     """Import a PEFT FourierFT adapter for a base model with the given ``(d_out, d_in)`` shapes."""
     config = parse_config(config_raw)
     seed = _config_number(config, "random_loc_seed", int)
-    scaling = float(_config_number(config, "scaling", float))
+    validate_seed(seed, f"{CONFIG_NAME}: random_loc_seed")
+    scaling = _config_number(config, "scaling", float)
+    budget = _RegexBudget()
     tensors, _ = read_safetensors(weights_raw)
     if not tensors:
         raise AdapterFormatError(f"{WEIGHTS_NAME} holds no tensors")
-    modules = {}
+    spectra = {}
     for key, coefficients in sorted(tensors.items()):
         if not (key.startswith(_KEY_PREFIX) and key.endswith(_KEY_SUFFIX)):
             raise AdapterFormatError(
@@ -88,7 +177,7 @@ def from_peft(config_raw: bytes, weights_raw: bytes, base_shapes: dict[str, tupl
             raise AdapterFormatError(
                 f"spectrum must be 1-D, got shape {list(coefficients.shape)}", where=f"module {name}"
             )
-        expected = _expected_n(config, name)
+        expected = _expected_n(config, name, budget)
         if coefficients.numel() != expected:
             raise AdapterFormatError(
                 f"spectrum has {coefficients.numel()} coefficients but the config says n_frequency={expected}",
@@ -100,7 +189,11 @@ def from_peft(config_raw: bytes, weights_raw: bytes, base_shapes: dict[str, tupl
                 f"n_frequency={expected} is out of range [1, {shape[0] * shape[1]}] for a {shape[0]}x{shape[1]} layer",
                 where=f"module {name}",
             )
-        rows, cols = peft_locations(seed, shape, expected)
+        spectra[name] = (coefficients, shape, expected)
+    _check_targets(config, spectra, base_shapes, budget)
+    modules = {}
+    for name, (coefficients, shape, n) in spectra.items():
+        rows, cols = peft_locations(seed, shape, n)
         modules[name] = ModuleSpectrum(coefficients, rows, cols, (shape[0], shape[1]), scaling)
     extra = {
         "peft_base_model_name_or_path": str(config.get("base_model_name_or_path") or ""),

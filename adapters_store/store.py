@@ -78,6 +78,7 @@ class AdapterStore:
         description: str = "",
         metadata: dict[str, Any] | None = None,
         pinned: bool = False,
+        public: bool = False,
     ) -> AdapterRecord:
         """Store a validated adapter file as the next version of ``adapter_id``; durable when this returns."""
         validate_adapter_id(adapter_id)
@@ -96,6 +97,7 @@ class AdapterStore:
                 description=description,
                 metadata=metadata,
                 pinned=pinned,
+                public=public,
             )
 
     def read(self, record: AdapterRecord) -> bytes:

@@ -31,8 +31,12 @@ class ParsedAdapter:
 
 
 def base_name(filename: str) -> str:
-    """The last component of a client-supplied file name (browsers and curl may send paths)."""
-    return PureWindowsPath(PurePosixPath(filename).name).name
+    """The last component of a client-supplied file name (browsers and curl may send paths); "" for none.
+
+    ``.`` and ``..`` name no file: they come out as "" (``PurePosixPath("..").name`` is ``..``).
+    """
+    name = PureWindowsPath(PurePosixPath(filename).name).name
+    return "" if name in (".", "..") else name
 
 
 def parse_files(files: dict[str, bytes], base_shapes: dict[str, tuple[int, int]]) -> ParsedAdapter:

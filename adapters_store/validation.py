@@ -10,6 +10,15 @@ from server.spectral.adapter import DCT_NORMS, METHODS, SpectralAdapter
 COEFFICIENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOCATION_DTYPES = (torch.int16, torch.int32, torch.int64)
 DEFAULT_MAX_N_PER_MODULE = 1 << 20
+# What torch.Generator.manual_seed accepts (PEFT draws FourierFT locations with it).
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+
+
+def validate_seed(seed: int | None, what: str = "seed") -> None:
+    """A FourierFT ``random_loc_seed`` must be one torch can seed a generator with (PEFT export redraws with it)."""
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        text = str(seed) if len(str(seed)) <= 40 else str(seed)[:37] + "..."
+        raise AdapterFormatError(f"{what} {text} is outside the range torch accepts [-2**63, 2**64 - 1]")
 
 
 def validate_adapter(
@@ -26,6 +35,7 @@ def validate_adapter(
         raise AdapterFormatError(f"unknown DCT norm {adapter.norm!r}; expected one of {', '.join(DCT_NORMS)}")
     if not adapter.modules:
         raise AdapterFormatError("the adapter adapts no module")
+    validate_seed(adapter.seed)
     if base_architecture and adapter.architecture and adapter.architecture != base_architecture:
         raise BaseModelMismatchError(
             f"adapter was made for architecture {adapter.architecture!r}, "
@@ -72,7 +82,8 @@ def _validate_spectrum(
     for label, values in (("rows", rows), ("cols", cols)):
         if values.dtype not in LOCATION_DTYPES:
             raise AdapterFormatError(
-                f"location {label} have dtype {values.dtype}; expected an integer type", where=where
+                f"location {label} have dtype {values.dtype}; expected an integer type (int16, int32 or int64)",
+                where=where,
             )
     if rows.shape != (n,) or cols.shape != (n,):
         raise AdapterFormatError(

@@ -101,12 +101,15 @@ def upload(
     description: Annotated[str, typer.Option(help="Free text kept with the version.")] = "",
     metadata: Annotated[str | None, typer.Option(help="A JSON object kept with the version.")] = None,
     pin: Annotated[bool, typer.Option("--pin", help="Load now and never evict.")] = False,
+    public: Annotated[bool, typer.Option("--public", help="Visible to every API key, not only yours.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Upload an adapter; an existing id gets a new version."""
     metadata_object = _metadata(metadata)
     with connect(ctx) as client, activity(f"Uploading {path} as {adapter_id}..."):
-        adapter = client.upload_adapter(adapter_id, path, description=description, metadata=metadata_object, pin=pin)
+        adapter = client.upload_adapter(
+            adapter_id, path, description=description, metadata=metadata_object, pin=pin, public=public
+        )
     if as_json:
         print_json(adapter)
         return

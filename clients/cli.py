@@ -11,11 +11,13 @@ from clients.adapters_cli import adapters_app
 from clients.files_cli import files_app
 from clients.finetune_cli import finetune_app
 from clients.generate_cli import generate
+from clients.keys_cli import keys_app
 
 app = typer.Typer(help="Spectra: serve spectral (FourierFT / sDCTFT) adapters of one frozen LLM.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(files_app, name="files")
 app.add_typer(finetune_app, name="finetune")
+app.add_typer(keys_app, name="keys")
 app.command()(generate)
 
 
@@ -41,6 +43,31 @@ def serve(
     max_input_tokens: Annotated[int, typer.Option(envvar="SPECTRA_MAX_INPUT_TOKENS")] = 1024,
     max_total_tokens: Annotated[int, typer.Option(envvar="SPECTRA_MAX_TOTAL_TOKENS")] = 2048,
     max_queue: Annotated[int, typer.Option(envvar="SPECTRA_MAX_QUEUE")] = 256,
+    max_new_tokens: Annotated[
+        int, typer.Option(envvar="SPECTRA_MAX_NEW_TOKENS", help="Largest max_new_tokens/max_tokens a request may ask.")
+    ] = 1024,
+    max_new_tokens_default: Annotated[
+        int, typer.Option(envvar="SPECTRA_MAX_NEW_TOKENS_DEFAULT", help="max_new_tokens when a request sets none.")
+    ] = 64,
+    max_stop_sequences: Annotated[
+        int, typer.Option(envvar="SPECTRA_MAX_STOP_SEQUENCES", help="Most stop sequences per request.")
+    ] = 4,
+    max_stop_chars: Annotated[
+        int, typer.Option(envvar="SPECTRA_MAX_STOP_CHARS", help="Longest stop sequence, in characters.")
+    ] = 100,
+    max_blend_adapters: Annotated[
+        int, typer.Option(envvar="SPECTRA_MAX_BLEND_ADAPTERS", help="Most adapters one request may blend.")
+    ] = 8,
+    max_request_bytes: Annotated[
+        str, typer.Option(envvar="SPECTRA_MAX_REQUEST_BYTES", help="Largest JSON request body, e.g. 4MiB.")
+    ] = "4MiB",
+    request_timeout: Annotated[
+        float, typer.Option(envvar="SPECTRA_REQUEST_TIMEOUT", help="Seconds a generation may take; 0 = no limit.")
+    ] = 600.0,
+    stream_write_timeout: Annotated[
+        float,
+        typer.Option(envvar="SPECTRA_STREAM_WRITE_TIMEOUT", help="Seconds an SSE write may stall; 0 = no limit."),
+    ] = 30.0,
     prefill_token_budget: Annotated[int, typer.Option(envvar="SPECTRA_PREFILL_TOKEN_BUDGET")] = 512,
     served_model_name: Annotated[str | None, typer.Option(envvar="SPECTRA_SERVED_MODEL_NAME")] = None,
     adapter: Annotated[list[str] | None, typer.Option(envvar="SPECTRA_ADAPTERS", help="NAME=PATH, repeatable.")] = None,
@@ -79,6 +106,22 @@ def serve(
     log_format: Annotated[
         str, typer.Option(envvar="SPECTRA_LOG_FORMAT", help="text|json (json: one JSON object per line).")
     ] = "text",
+    api_keys_file: Annotated[
+        Path | None, typer.Option(envvar="SPECTRA_API_KEYS_FILE", help="TOML API keys file (docs/security.md).")
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="SPECTRA_API_KEY", help="One admin API key; prefer the env var.", show_default=False),
+    ] = None,
+    allow_unauthenticated: Annotated[
+        bool,
+        typer.Option(envvar="SPECTRA_ALLOW_UNAUTHENTICATED", help="Serve without keys on a non-loopback address."),
+    ] = False,
+    health_auth: Annotated[str, typer.Option(envvar="SPECTRA_HEALTH_AUTH", help="open|keyed")] = "open",
+    metrics_auth: Annotated[str, typer.Option(envvar="SPECTRA_METRICS_AUTH", help="open|keyed (admin scope)")] = "open",
+    max_concurrent_requests_per_key: Annotated[
+        int, typer.Option(envvar="SPECTRA_MAX_CONCURRENT_REQUESTS_PER_KEY", help="In-flight requests per key.")
+    ] = 64,
 ) -> None:
     """Start the HTTP server."""
     from pydantic import ValidationError
@@ -98,6 +141,14 @@ def serve(
             max_input_tokens=max_input_tokens,
             max_total_tokens=max_total_tokens,
             max_queue=max_queue,
+            max_new_tokens=max_new_tokens,
+            max_new_tokens_default=max_new_tokens_default,
+            max_stop_sequences=max_stop_sequences,
+            max_stop_chars=max_stop_chars,
+            max_blend_adapters=max_blend_adapters,
+            max_request_bytes=max_request_bytes,
+            request_timeout=request_timeout,
+            stream_write_timeout=stream_write_timeout,
             prefill_token_budget=prefill_token_budget,
             served_model_name=served_model_name,
             adapters=_parse_adapters(adapter or []),
@@ -109,6 +160,12 @@ def serve(
             finetune_micro_batch_tokens=finetune_micro_batch_tokens,
             training_share=training_share,
             metrics_adapter_labels=metrics_adapter_labels,
+            api_keys_file=api_keys_file,
+            api_key=api_key,
+            allow_unauthenticated=allow_unauthenticated,
+            health_auth=health_auth,
+            metrics_auth=metrics_auth,
+            max_concurrent_requests_per_key=max_concurrent_requests_per_key,
             torch_threads=torch_threads,
             log_level=log_level,
             log_format=log_format,

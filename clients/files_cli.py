@@ -68,11 +68,12 @@ def upload(
         typer.Argument(exists=True, dir_okay=False, help="JSONL: prompt/completion or chat 'messages' lines."),
     ],
     purpose: Annotated[str, typer.Option(help="The only purpose the server accepts.")] = "fine-tune",
+    public: Annotated[bool, typer.Option("--public", help="Visible to every API key, not only yours.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Upload a training file; the server checks every line and names the invalid ones."""
     with connect(ctx) as client, upload_progress(path) as progress:
-        uploaded = client.upload_file(path, purpose=purpose, progress=progress)
+        uploaded = client.upload_file(path, purpose=purpose, progress=progress, public=public)
     if as_json:
         print_json(uploaded)
         return

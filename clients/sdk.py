@@ -294,13 +294,14 @@ def _adapter_files(path: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
 
 
 def _upload_call(
-    adapter_id: str, path: Path, description: str, metadata: dict[str, Any] | None, pin: bool
+    adapter_id: str, path: Path, description: str, metadata: dict[str, Any] | None, pin: bool, public: bool
 ) -> _Call[AdapterObject]:
     data = {
         "adapter_id": adapter_id,
         "description": description,
         "metadata": json.dumps(metadata or {}),
         "pin": "true" if pin else "false",
+        "public": "true" if public else "false",
     }
     return _Call("POST", "/v1/adapters", _model(AdapterObject), data=data, files=_adapter_files(path))
 
@@ -439,13 +440,16 @@ class _ProgressReader(io.BytesIO):
         return chunk
 
 
-def _upload_file_call(path: Path, purpose: str, progress: Callable[[int], None] | None) -> _Call[FileObject]:
+def _upload_file_call(
+    path: Path, purpose: str, progress: Callable[[int], None] | None, public: bool
+) -> _Call[FileObject]:
     if not path.is_file():
         raise SpectraError(f"{path} is not a file")
     data = path.read_bytes()
     body = data if progress is None else _ProgressReader(data, progress)
     files = [("file", (path.name, body, "application/jsonl"))]
-    return _Call("POST", "/v1/files", _model(FileObject), data={"purpose": purpose}, files=files)
+    form = {"purpose": purpose, "public": "true" if public else "false"}
+    return _Call("POST", "/v1/files", _model(FileObject), data=form, files=files)
 
 
 def _list_files_call(purpose: str | None, after: str | None, limit: int) -> _Call[FileList]:
@@ -555,6 +559,10 @@ def _safe_member(name: str) -> PurePosixPath:
     return member
 
 
+# Far above any adapter a server accepts (--max-adapter-bytes is at most a few hundred MiB in practice).
+MAX_PEFT_ZIP_EXPANDED_BYTES = 1 << 30
+
+
 def _extract_zip(data: bytes, dest: Path) -> None:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
@@ -563,6 +571,13 @@ def _extract_zip(data: bytes, dest: Path) -> None:
     with archive:
         infos = archive.infolist()
         members = [(info, _safe_member(info.filename)) for info in infos]  # check every name before writing any
+        # zipfile stops each member at its declared size, so the declared total bounds what is written.
+        expanded = sum(info.file_size for info in infos)
+        if expanded > MAX_PEFT_ZIP_EXPANDED_BYTES:
+            raise SpectraError(
+                f"the PEFT download expands to {expanded} bytes, over the {MAX_PEFT_ZIP_EXPANDED_BYTES} this client "
+                "accepts; it is not an adapter this server could have stored"
+            )
         dest.mkdir(parents=True, exist_ok=True)
         for info, member in members:
             target = dest.joinpath(*member.parts)
@@ -690,9 +705,13 @@ class SpectraClient:
         description: str = "",
         metadata: dict[str, Any] | None = None,
         pin: bool = False,
+        public: bool = False,
     ) -> AdapterObject:
-        """Upload a PEFT FourierFT directory or a native ``.safetensors`` file; an existing id gets a new version."""
-        return self._send(_upload_call(adapter_id, Path(path), description, metadata, pin))
+        """Upload a PEFT FourierFT directory or a native ``.safetensors`` file; an existing id gets a new version.
+
+        With API keys, a bare ``adapter_id`` lands in the key's namespace; ``public`` shows it to every key.
+        """
+        return self._send(_upload_call(adapter_id, Path(path), description, metadata, pin, public))
 
     def list_adapters(self, prefix: str = "", after: str = "", limit: int = 100) -> AdapterList:
         """One page of the latest version of each id; pass the page's ``last_id`` as ``after`` for the next."""
@@ -725,13 +744,19 @@ class SpectraClient:
     # -- training files --------------------------------------------------------------------
 
     def upload_file(
-        self, path: Path | str, purpose: str = "fine-tune", progress: Callable[[int], None] | None = None
+        self,
+        path: Path | str,
+        purpose: str = "fine-tune",
+        progress: Callable[[int], None] | None = None,
+        *,
+        public: bool = False,
     ) -> FileObject:
         """Upload a JSONL training file; the server checks every line first (a 422 lists the bad ones).
 
-        ``progress`` is called with the size of each chunk of the file as it is sent.
+        ``progress`` is called with the size of each chunk of the file as it is sent; ``public`` shows
+        the file to every API key, not only the uploading key's namespace.
         """
-        return self._send(_upload_file_call(Path(path), purpose, progress))
+        return self._send(_upload_file_call(Path(path), purpose, progress, public))
 
     def list_files(self, purpose: str | None = None, after: str | None = None, limit: int = 100) -> FileList:
         """One page, newest first; pass the page's ``last_id`` as ``after`` for the next."""
@@ -911,8 +936,9 @@ class AsyncSpectraClient:
         description: str = "",
         metadata: dict[str, Any] | None = None,
         pin: bool = False,
+        public: bool = False,
     ) -> AdapterObject:
-        call = await anyio.to_thread.run_sync(_upload_call, adapter_id, Path(path), description, metadata, pin)
+        call = await anyio.to_thread.run_sync(_upload_call, adapter_id, Path(path), description, metadata, pin, public)
         return await self._send(call)
 
     async def list_adapters(self, prefix: str = "", after: str = "", limit: int = 100) -> AdapterList:
@@ -941,9 +967,14 @@ class AsyncSpectraClient:
     # -- training files --------------------------------------------------------------------
 
     async def upload_file(
-        self, path: Path | str, purpose: str = "fine-tune", progress: Callable[[int], None] | None = None
+        self,
+        path: Path | str,
+        purpose: str = "fine-tune",
+        progress: Callable[[int], None] | None = None,
+        *,
+        public: bool = False,
     ) -> FileObject:
-        call = await anyio.to_thread.run_sync(_upload_file_call, Path(path), purpose, progress)
+        call = await anyio.to_thread.run_sync(_upload_file_call, Path(path), purpose, progress, public)
         return await self._send(call)
 
     async def list_files(self, purpose: str | None = None, after: str | None = None, limit: int = 100) -> FileList:

@@ -14,6 +14,7 @@ from adapters_store.durable import StoreLockedError
 from adapters_store.files import FileStore
 from adapters_store.store import AdapterStore
 from adapters_store.uploads import read_path
+from server.api.auth import ExposureError, KeysFileError, check_exposure, key_ring
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine, EngineLimits
 from server.engine.model_runner import ModelRunner
@@ -66,7 +67,11 @@ def build_engine(settings: ServerSettings) -> Engine:
         max_input_tokens=settings.max_input_tokens,
         max_total_tokens=settings.max_total_tokens,
         max_queue=settings.max_queue,
+        max_new_tokens=settings.max_new_tokens,
         max_new_tokens_default=settings.max_new_tokens_default,
+        max_stop_sequences=settings.max_stop_sequences,
+        max_stop_chars=settings.max_stop_chars,
+        max_blend_adapters=settings.max_blend_adapters,
         prefill_token_budget=settings.prefill_token_budget,
         training_share=settings.training_share,
     )
@@ -92,6 +97,12 @@ def serve(settings: ServerSettings) -> None:
     torch.set_num_threads(torch_threads(settings.torch_threads))
     logger.info("torch intra-op threads=%d", torch.get_num_threads())
     try:
+        keys = key_ring(settings)
+        check_exposure(settings, keys)
+    except (KeysFileError, ExposureError) as error:
+        logger.error("%s", error)
+        raise SystemExit(2) from error
+    try:
         engine = build_engine(settings)
         files = FileStore(settings.data_dir / "files")
     except StoreLockedError as error:
@@ -104,7 +115,7 @@ def serve(settings: ServerSettings) -> None:
     try:
         from server.api.app import create_app
 
-        app = create_app(engine, settings, files=files, jobs=jobs)
+        app = create_app(engine, settings, files=files, jobs=jobs, keys=keys)
         # log_config=None: uvicorn keeps the handler configure_logging installed instead of its own.
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None)
     finally:

@@ -52,7 +52,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model_dir: Path, data_dir: Path, adapter_dirs: dict[str, Path], *extra_args: str) -> Server:
+def start_server(
+    model_dir: Path, data_dir: Path, adapter_dirs: dict[str, Path], *extra_args: str, api_key: str | None = None
+) -> Server:
+    """``api_key`` is sent on the start-up probes, for servers started with keys."""
     port = free_port()
     command = [
         sys.executable, "-m", "clients.cli", "serve",
@@ -60,6 +63,7 @@ def start_server(model_dir: Path, data_dir: Path, adapter_dirs: dict[str, Path],
         "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--device", "cpu",
         "--max-input-tokens", str(MAX_INPUT_TOKENS), "--max-total-tokens", str(MAX_TOTAL_TOKENS),
+        "--max-new-tokens", str(MAX_TOTAL_TOKENS),
         *(arg for adapter_id, path in adapter_dirs.items() for arg in ("--adapter", f"{adapter_id}={path}")),
         *extra_args,
     ]  # fmt: skip
@@ -73,8 +77,10 @@ def start_server(model_dir: Path, data_dir: Path, adapter_dirs: dict[str, Path],
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                server.model_name = httpx.get(f"{server.base_url}/info", timeout=5).json()["model_id"]
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+            if httpx.get(f"{server.base_url}/health", headers=headers, timeout=2).status_code == 200:
+                info = httpx.get(f"{server.base_url}/info", headers=headers, timeout=5)
+                server.model_name = info.json()["model_id"]
                 return server
         time.sleep(0.5)
     stop_server(server)

@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 from adapters_store import native
 from clients.cli import app
 from clients.sdk import (
+    MAX_PEFT_ZIP_EXPANDED_BYTES,
     AdapterDeleted,
     AdapterDetail,
     AdapterList,
@@ -232,6 +233,21 @@ def test_peft_download_refuses_unsafe_members(tmp_path: Path, member: str) -> No
         _save_download(_Download(buffer.getvalue(), None, None), dest, "peft")
     assert not dest.exists()
     assert list(tmp_path.rglob("*")) == []  # checked before anything is written
+
+
+def test_peft_download_refuses_a_zip_bomb_before_expanding_it(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("adapter_config.json", "{}")
+        with archive.open("adapter_model.safetensors", "w", force_zip64=True) as member:
+            chunk = bytes(1 << 24)
+            for _ in range((MAX_PEFT_ZIP_EXPANDED_BYTES >> 24) + 1):
+                member.write(chunk)
+    assert len(buffer.getvalue()) < 4 << 20
+    dest = tmp_path / "dest"
+    with pytest.raises(SpectraError, match="expands to"):
+        _save_download(_Download(buffer.getvalue(), None, None), dest, "peft")
+    assert not dest.exists()
 
 
 def test_native_download_checks_the_announced_sha256(tmp_path: Path) -> None:

@@ -9,10 +9,13 @@ from fastapi import FastAPI
 
 from adapters_store.files import FileStore
 from server import metrics
+from server.api.access import AccessMiddleware
+from server.api.auth import ADMIN, KeyRing, key_ring
 from server.api.body_limit import BodySizeLimitMiddleware
-from server.api.deps import get_engine
+from server.api.deps import get_engine, requires
 from server.api.errors import install_error_handlers
 from server.api.http_metrics import HTTPMetricsMiddleware
+from server.api.openapi import install_openapi
 from server.api.request_id import RequestIdMiddleware
 from server.api.routes import adapters, finetune, generate, health, openai, vllm
 from server.api.routes import files as file_routes
@@ -21,8 +24,8 @@ from server.engine.engine import Engine
 from server.finetune.jobs import JobManager
 from server.settings import ServerSettings
 
-# Generation and JSON bodies; uploads get their file limit (two files for adapters) plus room for multipart framing.
-DEFAULT_BODY_LIMIT = 4 << 20
+# Generation and JSON bodies get --max-request-bytes; uploads get their file limit (two files for adapters)
+# plus room for multipart framing.
 MULTIPART_SLACK = 1 << 20
 
 __all__ = ["create_app", "get_engine"]
@@ -36,11 +39,17 @@ def _version() -> str:
 
 
 def create_app(
-    engine: Engine, settings: ServerSettings | None = None, *, files: FileStore, jobs: JobManager
+    engine: Engine,
+    settings: ServerSettings | None = None,
+    *,
+    files: FileStore,
+    jobs: JobManager,
+    keys: KeyRing | None = None,
 ) -> FastAPI:
     """Routes for TGI/LoRAX (``/generate``...), OpenAI (``/v1/...``), ``/health`` and ``/info``.
 
-    The caller owns the lifecycles of the engine, the file store and the job manager.
+    The caller owns the lifecycles of the engine, the file store and the job manager. ``keys``
+    defaults to the keys the settings name; with none the server is open (``docs/security.md``).
     """
     app = FastAPI(
         title="Spectra",
@@ -48,6 +57,7 @@ def create_app(
         description="One frozen causal LM serving many spectral (FourierFT / sDCTFT) adapters in one batch.",
     )
     settings = settings or ServerSettings()
+    keys = keys if keys is not None else key_ring(settings)
     app.state.engine = engine
     app.state.settings = settings
     app.state.files = files
@@ -59,7 +69,17 @@ def create_app(
         "/v1/files": settings.max_training_file_bytes + MULTIPART_SLACK,
     }
     # Added before the error handlers so the catch-all middleware wraps it.
-    app.add_middleware(BodySizeLimitMiddleware, default_limit=DEFAULT_BODY_LIMIT, limits_by_path=limits_by_path)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        default_limit=settings.max_request_bytes,
+        limits_by_path=limits_by_path,
+        default_flag="--max-request-bytes",
+        flags_by_path={"/v1/adapters": "--max-adapter-bytes", "/v1/files": "--max-training-file-bytes"},
+    )
+    # Inside the catch-all and outside the body limit: a caller without a valid key gets no body read.
+    endpoint_auth = {"/health": settings.health_auth, "/metrics": settings.metrics_auth}
+    open_paths = frozenset(path for path, auth in endpoint_auth.items() if auth == "open")
+    app.add_middleware(AccessMiddleware, keys=keys, open_paths=open_paths)
     install_error_handlers(app)
     # Outside the catch-all, so requests it turns into 500s are counted too.
     app.add_middleware(HTTPMetricsMiddleware)
@@ -67,11 +87,12 @@ def create_app(
     metrics.SERVER_STATE.bind(engine, jobs)
     metrics.ADAPTER_LABELS.limit = settings.metrics_adapter_labels
     app.include_router(health.router)
-    app.include_router(metrics_routes.router)
-    app.include_router(generate.router)
-    app.include_router(openai.router)
+    app.include_router(metrics_routes.router, dependencies=[] if settings.metrics_auth == "open" else requires(ADMIN))
+    app.include_router(generate.router, dependencies=requires("inference"))
+    app.include_router(openai.router, dependencies=requires("inference"))
     app.include_router(adapters.router)
-    app.include_router(file_routes.router)
-    app.include_router(finetune.router)
-    app.include_router(vllm.router)
+    app.include_router(file_routes.router, dependencies=requires("finetune"))
+    app.include_router(finetune.router, dependencies=requires("finetune"))
+    app.include_router(vllm.router, dependencies=requires("adapters:write"))
+    install_openapi(app)
     return app

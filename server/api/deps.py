@@ -1,15 +1,23 @@
-"""FastAPI dependencies."""
+"""FastAPI dependencies: the app's parts, the caller, and scope checks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from adapters_store.files import FileStore
+from server.api.auth import ANONYMOUS, Principal, Scope
 from server.engine.engine import Engine
+from server.engine.types import EngineError
 from server.finetune.jobs import JobManager
 from server.settings import ServerSettings
+
+
+class PermissionDeniedError(EngineError):
+    status_code = 403
+    error_type = "permission_error"
 
 
 def get_engine(request: Request) -> Engine:
@@ -28,7 +36,26 @@ def get_jobs(request: Request) -> JobManager:
     return request.app.state.jobs
 
 
+def get_principal(request: Request) -> Principal:
+    """Set by :class:`server.api.access.AccessMiddleware`; absent only when an app is built without it."""
+    return getattr(request.state, "principal", ANONYMOUS)
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 FilesDep = Annotated[FileStore, Depends(get_files)]
 JobsDep = Annotated[JobManager, Depends(get_jobs)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require_scope(scope: Scope) -> Callable[[Principal], None]:
+    def check(principal: PrincipalDep) -> None:
+        if not principal.has(scope):
+            raise PermissionDeniedError(f"the API key {principal.name!r} lacks the {scope!r} scope this route needs")
+
+    return check
+
+
+def requires(scope: Scope) -> list:
+    """``dependencies=requires("inference")`` on a route or router."""
+    return [Depends(require_scope(scope))]

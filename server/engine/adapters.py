@@ -152,6 +152,7 @@ class AdapterRegistry:
         description: str = "",
         metadata: dict[str, Any] | None = None,
         pin: bool = False,
+        public: bool = False,
     ) -> AdapterRecord:
         """Validate ``adapter`` against the served model and store it as the next version of ``adapter_id``.
 
@@ -174,6 +175,7 @@ class AdapterRegistry:
                 description=description,
                 metadata=metadata,
                 pinned=pin,
+                public=public,
             )
         except BaseException:
             if pin:

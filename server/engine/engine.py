@@ -52,7 +52,10 @@ class EngineLimits:
     max_input_tokens: int = 1024
     max_total_tokens: int = 2048
     max_queue: int = 256
+    max_new_tokens: int = 1024
     max_new_tokens_default: int = 64
+    max_stop_sequences: int = 4
+    max_stop_chars: int = 100
     prefill_token_budget: int = 512
     max_blend_adapters: int = 8
     training_share: float = 0.3
@@ -198,6 +201,10 @@ class Engine:
                 "max_input_tokens": self.limits.max_input_tokens,
                 "max_total_tokens": self.limits.max_total_tokens,
                 "max_queue": self.limits.max_queue,
+                "max_new_tokens": self.limits.max_new_tokens,
+                "max_new_tokens_default": self.limits.max_new_tokens_default,
+                "max_stop_sequences": self.limits.max_stop_sequences,
+                "max_stop_chars": self.limits.max_stop_chars,
                 "prefill_token_budget": self.limits.prefill_token_budget,
             },
             "adapters": {
@@ -234,7 +241,7 @@ class Engine:
             if len(self._waiting) >= self.limits.max_queue:
                 for lease, _ in leases:
                     lease.release()
-                raise QueueFullError(f"the queue is full ({self.limits.max_queue} requests waiting); retry later")
+                raise QueueFullError(f"the queue is full ({self.limits.max_queue} waiting, --max-queue); retry later")
             self._waiting.append(sequence)
             self._wakeup.notify()
         for adapter_id in request.adapters or [None]:
@@ -242,20 +249,44 @@ class Engine:
         return handle
 
     def _validate(self, request: GenerationRequest) -> None:
+        """The per-request limits. A message that starts with its ``param`` lets the API layer put the
+        client's own field name there; each names the ``spectra serve`` flag that sets the limit."""
+        limits = self.limits
         prompt_tokens = len(request.prompt_ids)
         if prompt_tokens == 0:
             raise InvalidRequestError("the prompt is empty", param="inputs")
-        if prompt_tokens > self.limits.max_input_tokens:
+        if prompt_tokens > limits.max_input_tokens:
             raise InvalidRequestError(
-                f"the prompt has {prompt_tokens} tokens; the limit is {self.limits.max_input_tokens}", param="inputs"
+                f"the prompt has {prompt_tokens} tokens; the limit is {limits.max_input_tokens} (--max-input-tokens)",
+                param="inputs",
             )
-        allowed = self.limits.max_total_tokens - prompt_tokens
-        if request.params.max_new_tokens > allowed:
+        max_new_tokens = request.params.max_new_tokens
+        if max_new_tokens > limits.max_new_tokens:
             raise InvalidRequestError(
-                f"max_new_tokens must be <= {allowed} for this prompt ({prompt_tokens} prompt tokens, "
-                f"max_total_tokens {self.limits.max_total_tokens})",
+                f"max_new_tokens is {max_new_tokens}; the limit is {limits.max_new_tokens} (--max-new-tokens)",
                 param="max_new_tokens",
             )
+        allowed = limits.max_total_tokens - prompt_tokens
+        if max_new_tokens > allowed:
+            raise InvalidRequestError(
+                f"max_new_tokens must be <= {allowed} for this prompt ({prompt_tokens} prompt tokens; "
+                f"the limit on prompt + new tokens is {limits.max_total_tokens}, --max-total-tokens)",
+                param="max_new_tokens",
+            )
+        stops = request.params.stop
+        if len(stops) > limits.max_stop_sequences:
+            raise InvalidRequestError(
+                f"stop has {len(stops)} sequences; the limit is {limits.max_stop_sequences} (--max-stop-sequences)",
+                param="stop",
+            )
+        longest = max((len(stop) for stop in stops), default=0)
+        if longest > limits.max_stop_chars:
+            raise InvalidRequestError(
+                f"stop has a sequence of {longest} characters; the limit is {limits.max_stop_chars} (--max-stop-chars)",
+                param="stop",
+            )
+        if any(not stop for stop in stops):
+            raise InvalidRequestError("stop must not contain an empty sequence", param="stop")
         if len(request.adapters) > self.limits.max_blend_adapters:
             raise InvalidRequestError(
                 f"a blend may name at most {self.limits.max_blend_adapters} adapters, got {len(request.adapters)}",

@@ -38,9 +38,13 @@ def sample_row(
     scores = logits.clone()
     if params.repetition_penalty != 1.0 and seen_tokens.numel():
         scores = _apply_repetition_penalty(scores, seen_tokens, params.repetition_penalty)
-    if params.greedy:
-        token = int(torch.argmax(scores))
-    else:
-        scores = _filter_top_k_top_p(scores / params.temperature, params.top_k, params.top_p)
-        token = int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+    if not params.greedy:
+        filtered = _filter_top_k_top_p(scores / params.temperature, params.top_k, params.top_p)
+        probabilities = filtered.softmax(-1)
+        # An extreme temperature or penalty (1e-300, say) overflows scores to inf and softmax to NaN;
+        # the limit of such settings is the greedy choice, taken below.
+        if bool(torch.isfinite(probabilities).all()):
+            token = int(torch.multinomial(probabilities, 1, generator=generator))
+            return token, float(logprobs[token])
+    token = int(torch.argmax(scores))
     return token, float(logprobs[token])

@@ -26,7 +26,7 @@ import codecs
 import json
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from jinja2.exceptions import TemplateError
 
@@ -85,7 +85,18 @@ def _string(container: dict[str, Any], key: str, name: str) -> str:
     value = container[key]
     if not isinstance(value, str):
         raise _InvalidLineError(f"field {name!r} must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # JSON escapes can spell a lone surrogate (\ud800), which no tokenizer can encode.
+        raise _InvalidLineError(
+            f"field {name!r} holds an unpaired surrogate (\\u{ord(value[error.start]):04x}), which is not text"
+        ) from error
     return value
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise _InvalidLineError(f"invalid JSON ({name} is not a JSON value)")
 
 
 class _Tokenizer:
@@ -188,11 +199,14 @@ def _chat(line: dict[str, Any], tokens: _Tokenizer) -> TrainingExample:
 
 def _parse_line(text: str, tokens: _Tokenizer) -> TrainingExample:
     try:
-        line = json.loads(text)
+        # Python's json reads NaN and Infinity, which JSON does not have: refused like any other syntax error.
+        line = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as error:
         raise _InvalidLineError(f"invalid JSON ({error.msg} at column {error.colno})") from error
     except RecursionError as error:
         raise _InvalidLineError("invalid JSON (nested too deeply)") from error
+    except ValueError as error:  # an integer over sys.get_int_max_str_digits() digits
+        raise _InvalidLineError("invalid JSON (a number has too many digits)") from error
     if not isinstance(line, dict):
         raise _InvalidLineError("not a JSON object")
     chat = "messages" in line

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from adapters_store.durable import ensure_columns
 from adapters_store.files import UnknownCursorError
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
@@ -40,7 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at INTEGER,
     finished_at INTEGER,
     estimated_finish INTEGER,
-    step INTEGER NOT NULL DEFAULT 0
+    step INTEGER NOT NULL DEFAULT 0,
+    namespace TEXT
 );
 CREATE TABLE IF NOT EXISTS job_events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -92,6 +94,7 @@ class JobRecord:
     finished_at: int | None
     estimated_finish: int | None
     step: int
+    namespace: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -140,6 +143,7 @@ class JobStore:
         self._connection.execute("PRAGMA journal_mode=WAL")
         self._connection.execute("PRAGMA synchronous=FULL")
         self._connection.executescript(_SCHEMA)
+        ensure_columns(self._connection, "jobs", {"namespace": "TEXT"})
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -164,10 +168,11 @@ class JobStore:
         adapter_id: str,
         request: dict[str, Any],
         adapter: dict[str, Any],
+        namespace: str | None = None,
     ) -> JobRecord:
         self._execute(
             "INSERT INTO jobs (id, created_at, status, model, training_file, validation_file, suffix, seed, "
-            "adapter_id, request, adapter) VALUES (?, ?, 'validating_files', ?, ?, ?, ?, ?, ?, ?, ?)",
+            "adapter_id, request, adapter, namespace) VALUES (?, ?, 'validating_files', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job_id,
                 int(time.time()),
@@ -179,6 +184,7 @@ class JobStore:
                 adapter_id,
                 json.dumps(request, sort_keys=True),
                 json.dumps(adapter, sort_keys=True),
+                namespace,
             ),
         )
         job = self.get_job(job_id)
@@ -201,17 +207,23 @@ class JobStore:
         row = self._execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return JobRecord(**_decode(row, _JSON_COLUMNS)) if row else None
 
-    def list_jobs(self, *, after: str | None = None, limit: int = 20) -> list[JobRecord]:
-        """Newest first; ``after`` is the last job id of the previous page."""
+    def list_jobs(self, *, after: str | None = None, limit: int = 20, visible_to: str | None = None) -> list[JobRecord]:
+        """Newest first; ``after`` is the last job id of the previous page.
+
+        ``visible_to`` keeps the jobs a caller of that namespace may see: its own and un-owned ones.
+        """
+        visible = "(?1 IS NULL OR namespace IS NULL OR namespace = ?1)"
         if after is None:
-            rows = self._execute("SELECT * FROM jobs ORDER BY created_at DESC, id DESC LIMIT ?", (limit,)).fetchall()
+            rows = self._execute(
+                f"SELECT * FROM jobs WHERE {visible} ORDER BY created_at DESC, id DESC LIMIT ?2", (visible_to, limit)
+            ).fetchall()
         elif self.get_job(after) is None:
             raise UnknownCursorError(f"no job {after!r} to list after")
         else:
             rows = self._execute(
-                "SELECT * FROM jobs WHERE (created_at, id) < (SELECT created_at, id FROM jobs WHERE id = ?) "
-                "ORDER BY created_at DESC, id DESC LIMIT ?",
-                (after, limit),
+                f"SELECT * FROM jobs WHERE {visible} AND (created_at, id) < "
+                "(SELECT created_at, id FROM jobs WHERE id = ?3) ORDER BY created_at DESC, id DESC LIMIT ?2",
+                (visible_to, limit, after),
             ).fetchall()
         return [JobRecord(**_decode(row, _JSON_COLUMNS)) for row in rows]
 

@@ -93,9 +93,10 @@ def _short(job_id: str) -> str:
     return job_id.removeprefix("ftjob-")[:8]
 
 
-def adapter_id_for(job_id: str, suffix: str | None) -> str:
-    """``ft-<suffix>-<8 hex of the job id>``: says where the adapter came from, within the store's id rules."""
-    return validate_adapter_id(f"ft-{suffix}-{_short(job_id)}" if suffix else f"ft-{_short(job_id)}")
+def adapter_id_for(job_id: str, suffix: str | None, namespace: str | None = None) -> str:
+    """``[namespace/]ft-<suffix>-<8 hex of the job id>``: says where the adapter came from, within the id rules."""
+    name = f"ft-{suffix}-{_short(job_id)}" if suffix else f"ft-{_short(job_id)}"
+    return validate_adapter_id(f"{namespace}/{name}" if namespace else name)
 
 
 def _trained_tokens(examples: list[TrainingExample]) -> int:
@@ -152,7 +153,9 @@ class JobManager:
         hyperparameters: dict[str, Any],
         adapter: dict[str, Any],
         metadata: dict[str, str] | None = None,
+        namespace: str | None = None,
     ) -> JobRecord:
+        """A job owned by ``namespace`` (None: the server's), whose adapter is stored in that namespace."""
         if model != self.engine.model_name:
             raise HyperparameterError(
                 f"model {model!r} is not served here; fine-tune the served base model {self.engine.model_name!r}",
@@ -164,7 +167,7 @@ class JobManager:
         job_id = new_id("ftjob")
         seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") % (1 << 31)
         spec = self._adapter_spec(adapter, seed)
-        adapter_id = adapter_id_for(job_id, suffix)
+        adapter_id = adapter_id_for(job_id, suffix, namespace)
         job = self.store.insert_job(
             job_id=job_id,
             model=model,
@@ -175,15 +178,16 @@ class JobManager:
             adapter_id=adapter_id,
             request={"hyperparameters": hyperparameters, "adapter": adapter, "metadata": metadata},
             adapter=spec.as_dict(),
+            namespace=namespace,
         )
         self.store.add_event(job_id, f"Created fine-tuning job {job_id}")
         logger.info("finetune job created id=%s method=%s adapter_id=%s", job_id, spec.method, adapter_id)
         self._launch(job_id, resumed=False)
         return job
 
-    def list(self, *, after: str | None, limit: int) -> list[JobRecord]:
+    def list(self, *, after: str | None, limit: int, visible_to: str | None = None) -> list[JobRecord]:
         try:
-            return self.store.list_jobs(after=after, limit=limit)
+            return self.store.list_jobs(after=after, limit=limit, visible_to=visible_to)
         except UnknownCursorError as error:
             raise JobNotFoundError(str(error), param="after") from error
 

@@ -7,7 +7,6 @@ pauses. Ids with a namespace contain a slash, so the id routes take the rest of 
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
@@ -16,13 +15,12 @@ from starlette.concurrency import run_in_threadpool
 
 from adapters_store import native
 from adapters_store.errors import AdapterFormatError, AdapterTooLargeError
-from adapters_store.ids import parse_ref, validate_adapter_id
 from adapters_store.index import AdapterRecord
 from adapters_store.uploads import ParsedAdapter, base_name, parse_files, peft_zip
-from server.api.deps import EngineDep, SettingsDep
+from server.api.deps import EngineDep, PrincipalDep, SettingsDep, requires
 from server.api.schemas.adapters import AdapterDeleted, AdapterDetail, AdapterList, AdapterObject
 from server.api.schemas.common import ErrorResponse
-from server.engine.adapters import AdapterRegistry, InvalidAdapterRefError
+from server.api.tenancy import owned_adapter_ref, visible_adapter, writable_adapter_id
 from server.engine.types import UnknownAdapterError
 
 router = APIRouter(prefix="/v1/adapters", tags=["Adapters"])
@@ -42,13 +40,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+_DOWNLOADS = ("application/octet-stream", "application/zip")  # native, peft
+
+
 def _metadata(text: str) -> dict[str, Any]:
     if len(text.encode()) > MAX_METADATA_BYTES:
         raise AdapterFormatError(f"metadata is over {MAX_METADATA_BYTES} bytes")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise AdapterFormatError(f"metadata is not valid JSON ({error.msg} at char {error.pos})") from error
+    value = native.loads_json(text, "metadata")
     if not isinstance(value, dict):
         raise AdapterFormatError("metadata must be a JSON object")
     return value
@@ -68,22 +66,20 @@ async def _read_files(uploads: list[UploadFile], max_bytes: int) -> dict[str, by
     return files
 
 
-def _record(registry: AdapterRegistry, ref: str) -> AdapterRecord:
-    try:
-        parsed = parse_ref(ref)
-    except ValueError as error:
-        raise InvalidAdapterRefError(str(error), param="adapter_id") from error
-    record = registry.store.index.get(parsed.adapter_id, parsed.version)
-    if record is None:
-        raise UnknownAdapterError(f"adapter {ref!r} not found", param="adapter_id")
-    return record
-
-
-@router.post("", status_code=201, response_model=AdapterObject, responses=_ERRORS)
+@router.post(
+    "", status_code=201, response_model=AdapterObject, responses=_ERRORS, dependencies=requires("adapters:write")
+)
 async def upload_adapter(
     engine: EngineDep,
     settings: SettingsDep,
-    adapter_id: Annotated[str, Form(description="'name' or 'namespace/name'; an existing id gets a new version.")],
+    principal: PrincipalDep,
+    adapter_id: Annotated[
+        str,
+        Form(
+            description="'name' or 'namespace/name'; an existing id gets a new version. With API keys, "
+            "a bare name is stored in the key's namespace."
+        ),
+    ],
     file: Annotated[
         list[UploadFile],
         File(description="One native .safetensors file, or adapter_config.json + adapter_model.safetensors."),
@@ -91,8 +87,9 @@ async def upload_adapter(
     description: Annotated[str, Form(max_length=MAX_DESCRIPTION_CHARS)] = "",
     metadata: Annotated[str, Form(description="A JSON object kept with the version.")] = "{}",
     pin: Annotated[bool, Form(description="Load now and never evict.")] = False,
+    public: Annotated[bool, Form(description="Servable by every API key, not only this key's namespace.")] = False,
 ) -> AdapterObject:
-    validate_adapter_id(adapter_id)
+    adapter_id = writable_adapter_id(principal, adapter_id)
     metadata_object = _metadata(metadata)
     files = await _read_files(file, settings.max_adapter_bytes)
     registry = engine.registry
@@ -107,6 +104,7 @@ async def upload_adapter(
             description=description,
             metadata=metadata_object,
             pin=pin,
+            public=public,
         )
 
     return AdapterObject.of(await run_in_threadpool(store))
@@ -115,12 +113,17 @@ async def upload_adapter(
 @router.get("", response_model=AdapterList)
 async def list_adapters(
     engine: EngineDep,
+    principal: PrincipalDep,
     prefix: Annotated[str, Query(max_length=130, description="Only ids starting with this.")] = "",
     after: Annotated[str, Query(max_length=130, description="The last_id of the previous page.")] = "",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AdapterList:
     records = await run_in_threadpool(
-        engine.registry.store.index.list_latest, prefix=prefix, after=after, limit=limit + 1
+        engine.registry.store.index.list_latest,
+        prefix=prefix,
+        after=after,
+        limit=limit + 1,
+        visible_to=principal.visible_namespace,
     )
     page = [AdapterObject.of(record) for record in records[:limit]]
     return AdapterList(
@@ -131,14 +134,25 @@ async def list_adapters(
     )
 
 
-@router.get("/{adapter_ref:path}/download", response_class=Response, responses=_ERRORS)
+@router.get(
+    "/{adapter_ref:path}/download",
+    response_class=Response,
+    responses={
+        **_ERRORS,
+        200: {
+            "description": "The adapter file: native .safetensors, or (format=peft) a PEFT zip.",
+            "content": {media_type: {"schema": {"type": "string", "format": "binary"}} for media_type in _DOWNLOADS},
+        },
+    },
+)
 async def download_adapter(
     engine: EngineDep,
+    principal: PrincipalDep,
     adapter_ref: str,
     format: Annotated[Literal["native", "peft"], Query(description="native .safetensors or a PEFT zip")] = "native",
 ) -> Response:
     registry = engine.registry
-    record = _record(registry, adapter_ref)
+    record = await run_in_threadpool(visible_adapter, principal, registry.store.index, adapter_ref)
     data = await run_in_threadpool(registry.read_bytes, record)
     stem = f"{record.adapter_id.replace('/', '--')}-v{record.version}"
     if format == "native":
@@ -151,16 +165,20 @@ async def download_adapter(
 
 
 @router.get("/{adapter_ref:path}", response_model=AdapterDetail, responses=_ERRORS)
-async def show_adapter(engine: EngineDep, adapter_ref: str) -> AdapterDetail:
+async def show_adapter(engine: EngineDep, principal: PrincipalDep, adapter_ref: str) -> AdapterDetail:
     registry = engine.registry
-    record = _record(registry, adapter_ref)
+    record = await run_in_threadpool(visible_adapter, principal, registry.store.index, adapter_ref)
     versions = [AdapterObject.of(version) for version in registry.store.index.versions(record.adapter_id)]
     return AdapterDetail(**AdapterObject.of(record).model_dump(), versions=versions)
 
 
-@router.delete("/{adapter_ref:path}", response_model=AdapterDeleted, responses=_ERRORS)
-async def delete_adapter(engine: EngineDep, adapter_ref: str) -> AdapterDeleted:
-    deleted = await run_in_threadpool(engine.registry.delete, adapter_ref)
+@router.delete(
+    "/{adapter_ref:path}", response_model=AdapterDeleted, responses=_ERRORS, dependencies=requires("adapters:write")
+)
+async def delete_adapter(engine: EngineDep, principal: PrincipalDep, adapter_ref: str) -> AdapterDeleted:
+    registry = engine.registry
+    ref = await run_in_threadpool(owned_adapter_ref, principal, registry.store.index, adapter_ref)
+    deleted = await run_in_threadpool(registry.delete, ref)
     if not deleted:
         raise UnknownAdapterError(f"adapter {adapter_ref!r} not found", param="adapter_id")
     return AdapterDeleted(id=deleted[0].adapter_id, versions=[record.version for record in deleted])

@@ -14,11 +14,12 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from adapters_store.files import FileRecord, FileStore, UnknownCursorError
+from adapters_store.files import UnknownCursorError
 from adapters_store.uploads import base_name
-from server.api.deps import EngineDep, FilesDep, SettingsDep
+from server.api.deps import EngineDep, FilesDep, PermissionDeniedError, PrincipalDep, SettingsDep
 from server.api.schemas.common import ErrorResponse
 from server.api.schemas.files import FileDeleted, FileList, FileObject
+from server.api.tenancy import visible_file
 from server.engine.types import InvalidRequestError
 from server.finetune.data import TrainingFileError, count_training_examples
 from server.finetune.jobs import UnknownFileError
@@ -42,13 +43,6 @@ class TrainingFileTooLargeError(TrainingFileError):
     status_code = 413
 
 
-def _record(files: FileStore, file_id: str) -> FileRecord:
-    record = files.get(file_id)
-    if record is None:
-        raise UnknownFileError(f"file {file_id!r} not found", param="file_id")
-    return record
-
-
 async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     if upload.size is not None and upload.size > max_bytes:
         raise TrainingFileTooLargeError(f"the file is {upload.size} bytes; the limit is {max_bytes}")
@@ -63,8 +57,10 @@ async def upload_file(
     engine: EngineDep,
     settings: SettingsDep,
     files: FilesDep,
+    principal: PrincipalDep,
     file: Annotated[UploadFile, File(description="JSONL: prompt/completion or messages lines.")],
     purpose: Annotated[str, Form(description="Only 'fine-tune'.")],
+    public: Annotated[bool, Form(description="Visible to every API key, not only this key's namespace.")] = False,
 ) -> FileObject:
     if purpose not in PURPOSES:
         accepted = ", ".join(repr(value) for value in PURPOSES)
@@ -84,19 +80,28 @@ async def upload_file(
         )
 
     examples = await run_in_threadpool(count)
-    record = await run_in_threadpool(files.put, data, filename=filename, purpose=purpose, examples=examples)
+    record = await run_in_threadpool(
+        lambda: files.put(
+            data, filename=filename, purpose=purpose, examples=examples, namespace=principal.namespace, public=public
+        )
+    )
     return FileObject.of(record)
 
 
 @router.get("", response_model=FileList, responses=_ERRORS)
 async def list_files(
     files: FilesDep,
+    principal: PrincipalDep,
     purpose: Annotated[str | None, Query(description="Only files with this purpose.")] = None,
     after: Annotated[str | None, Query(description="The last_id of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 100,
 ) -> FileList:
+    if after is not None:
+        await run_in_threadpool(visible_file, principal, files, after, param="after")
     try:
-        records = await run_in_threadpool(files.list, purpose=purpose, after=after, limit=limit + 1)
+        records = await run_in_threadpool(
+            files.list, purpose=purpose, after=after, limit=limit + 1, visible_to=principal.visible_namespace
+        )
     except UnknownCursorError as error:
         raise UnknownFileError(str(error), param="after") from error
     page = [FileObject.of(record) for record in records[:limit]]
@@ -109,13 +114,23 @@ async def list_files(
 
 
 @router.get("/{file_id}", response_model=FileObject, responses=_ERRORS)
-async def retrieve_file(files: FilesDep, file_id: str) -> FileObject:
-    return FileObject.of(_record(files, file_id))
+async def retrieve_file(files: FilesDep, principal: PrincipalDep, file_id: str) -> FileObject:
+    return FileObject.of(await run_in_threadpool(visible_file, principal, files, file_id))
 
 
-@router.get("/{file_id}/content", response_class=Response, responses=_ERRORS)
-async def file_content(files: FilesDep, file_id: str) -> Response:
-    record = _record(files, file_id)
+@router.get(
+    "/{file_id}/content",
+    response_class=Response,
+    responses={
+        **_ERRORS,
+        200: {
+            "description": "The file's bytes as uploaded.",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+    },
+)
+async def file_content(files: FilesDep, principal: PrincipalDep, file_id: str) -> Response:
+    record = await run_in_threadpool(visible_file, principal, files, file_id)
     data = await run_in_threadpool(files.read, record)
     # RFC 5987 form: client file names may hold quotes or characters a latin-1 header cannot.
     headers = {"Content-Disposition": f"attachment; filename*=UTF-8''{quote(record.filename)}"}
@@ -123,7 +138,12 @@ async def file_content(files: FilesDep, file_id: str) -> Response:
 
 
 @router.delete("/{file_id}", response_model=FileDeleted, responses=_ERRORS)
-async def delete_file(files: FilesDep, file_id: str) -> FileDeleted:
+async def delete_file(files: FilesDep, principal: PrincipalDep, file_id: str) -> FileDeleted:
+    record = await run_in_threadpool(visible_file, principal, files, file_id)
+    if not principal.owns(record.namespace):
+        raise PermissionDeniedError(
+            f"file {file_id!r} is not in the namespace of the API key {principal.name!r}", param="file_id"
+        )
     if not await run_in_threadpool(files.delete, file_id):
         raise UnknownFileError(f"file {file_id!r} not found", param="file_id")
     return FileDeleted(id=file_id)

@@ -11,7 +11,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from server.api.deps import JobsDep
+from server.api.auth import Principal
+from server.api.deps import FilesDep, JobsDep, PrincipalDep
 from server.api.schemas.common import ErrorResponse
 from server.api.schemas.finetune import (
     CheckpointMetrics,
@@ -27,9 +28,10 @@ from server.api.schemas.finetune import (
     JobSupervised,
     MethodObject,
 )
+from server.api.tenancy import visible_file, visible_job
 from server.finetune.hyperparameters import BASE_LEARNING_RATE
 from server.finetune.job_store import JobRecord
-from server.finetune.jobs import JobNotFoundError
+from server.finetune.jobs import JobManager, JobNotFoundError
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -82,8 +84,17 @@ def job_object(job: JobRecord) -> FineTuningJob:
     )
 
 
+def _visible_job(jobs: JobManager, principal: Principal, job_id: str) -> JobRecord:
+    return visible_job(principal, jobs.get(job_id))
+
+
 @router.post("", response_model=FineTuningJob, responses=_ERRORS)
-async def create_job(body: FineTuningJobCreate, jobs: JobsDep) -> FineTuningJob:
+async def create_job(
+    body: FineTuningJobCreate, jobs: JobsDep, files: FilesDep, principal: PrincipalDep
+) -> FineTuningJob:
+    for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
+        if file_id is not None:
+            await run_in_threadpool(visible_file, principal, files, file_id, param=param)
     job = await run_in_threadpool(
         lambda: jobs.create(
             model=body.model,
@@ -94,31 +105,40 @@ async def create_job(body: FineTuningJobCreate, jobs: JobsDep) -> FineTuningJob:
             hyperparameters=body.resolved_hyperparameters().model_dump(),
             adapter=body.adapter.model_dump(exclude_none=True),
             metadata=body.metadata,
+            namespace=principal.namespace,
         )
     )
     return job_object(job)
 
 
-@router.get("", response_model=FineTuningJobList)
-async def list_jobs(jobs: JobsDep, after: str | None = None, limit: Limit = 20) -> FineTuningJobList:
-    page = await run_in_threadpool(jobs.list, after=after, limit=limit + 1)
+@router.get("", response_model=FineTuningJobList, responses=_ERRORS)
+async def list_jobs(
+    jobs: JobsDep, principal: PrincipalDep, after: str | None = None, limit: Limit = 20
+) -> FineTuningJobList:
+    if after is not None:
+        cursor = await run_in_threadpool(jobs.store.get_job, after)
+        if cursor is None or not principal.can_see(cursor.namespace, public=False):
+            raise JobNotFoundError(f"no job {after!r} to list after", param="after")
+    page = await run_in_threadpool(jobs.list, after=after, limit=limit + 1, visible_to=principal.visible_namespace)
     return FineTuningJobList(data=[job_object(job) for job in page[:limit]], has_more=len(page) > limit)
 
 
 @router.get("/{job_id}", response_model=FineTuningJob, responses=_ERRORS)
-async def get_job(job_id: str, jobs: JobsDep) -> FineTuningJob:
-    return job_object(await run_in_threadpool(jobs.get, job_id))
+async def get_job(job_id: str, jobs: JobsDep, principal: PrincipalDep) -> FineTuningJob:
+    return job_object(await run_in_threadpool(_visible_job, jobs, principal, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob, responses=_ERRORS)
-async def cancel_job(job_id: str, jobs: JobsDep) -> FineTuningJob:
+async def cancel_job(job_id: str, jobs: JobsDep, principal: PrincipalDep) -> FineTuningJob:
+    await run_in_threadpool(_visible_job, jobs, principal, job_id)
     return job_object(await run_in_threadpool(jobs.cancel, job_id))
 
 
 @router.get("/{job_id}/events", response_model=FineTuningJobEventList, responses=_ERRORS)
 async def list_events(
-    job_id: str, jobs: JobsDep, after: str | None = None, limit: Limit = 20
+    job_id: str, jobs: JobsDep, principal: PrincipalDep, after: str | None = None, limit: Limit = 20
 ) -> FineTuningJobEventList:
+    await run_in_threadpool(_visible_job, jobs, principal, job_id)
     page = await run_in_threadpool(jobs.events, job_id, after=after, limit=limit + 1)
     return FineTuningJobEventList(
         data=[
@@ -138,9 +158,9 @@ async def list_events(
 
 @router.get("/{job_id}/checkpoints", response_model=FineTuningJobCheckpointList, responses=_ERRORS)
 async def list_checkpoints(
-    job_id: str, jobs: JobsDep, after: str | None = None, limit: Limit = 10
+    job_id: str, jobs: JobsDep, principal: PrincipalDep, after: str | None = None, limit: Limit = 10
 ) -> FineTuningJobCheckpointList:
-    job = await run_in_threadpool(jobs.get, job_id)
+    job = await run_in_threadpool(_visible_job, jobs, principal, job_id)
     checkpoints = await run_in_threadpool(jobs.checkpoints, job_id)
     if after is not None:
         ids = [checkpoint.id for checkpoint in checkpoints]

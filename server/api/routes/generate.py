@@ -13,7 +13,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from server.api.deps import EngineDep
+from server.api.auth import Principal
+from server.api.deps import EngineDep, PrincipalDep
 from server.api.generation import (
     check_finished,
     client_closed_response,
@@ -24,7 +25,7 @@ from server.api.generation import (
     submit,
     wait_for_result,
 )
-from server.api.routes.responses import ERROR_RESPONSES
+from server.api.routes.responses import ERROR_RESPONSES, stream_responses
 from server.api.schemas.tgi import (
     Details,
     GenerateParameters,
@@ -34,6 +35,7 @@ from server.api.schemas.tgi import (
     StreamResponse,
     Token,
 )
+from server.api.tenancy import resolve_blend
 from server.engine.engine import Engine, RequestHandle
 from server.engine.types import FinishEvent, SamplingParams, TokenEvent
 
@@ -64,17 +66,19 @@ def _sampling(parameters: GenerateParameters, engine: Engine, prompt_tokens: int
     )
 
 
-async def _submit(body: GenerateRequest, engine: Engine) -> RequestHandle:
+async def _submit(body: GenerateRequest, engine: Engine, principal: Principal) -> RequestHandle:
     parameters = body.parameters
     prompt_ids = await encode(engine, body.inputs)
     param_names = {
         "inputs": "inputs",
         "max_new_tokens": "parameters.max_new_tokens",
+        "stop": "parameters.stop",
         "adapter_id": "parameters.adapters" if parameters.adapters is not None else "parameters.adapter_id",
     }
-    return submit(
-        engine, prompt_ids, _sampling(parameters, engine, len(prompt_ids)), _adapters(parameters), param_names
+    adapters = resolve_blend(
+        principal, engine.registry.store.index, _adapters(parameters), param=param_names["adapter_id"]
     )
+    return submit(engine, prompt_ids, _sampling(parameters, engine, len(prompt_ids)), adapters, param_names)
 
 
 def _token(event: TokenEvent) -> Token:
@@ -121,8 +125,10 @@ async def _stream_events(body: GenerateRequest, handle: RequestHandle) -> AsyncI
 
 
 @router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, request: Request, engine: EngineDep) -> GenerateResponse | JSONResponse:
-    handle = await _submit(body, engine)
+async def generate(
+    body: GenerateRequest, request: Request, engine: EngineDep, principal: PrincipalDep
+) -> GenerateResponse | JSONResponse:
+    handle = await _submit(body, engine, principal)
     finish = await wait_for_result(handle, request)
     if finish is None:
         return client_closed_response()
@@ -132,18 +138,23 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep) -
 @router.post(
     "/generate_stream",
     response_class=EventSourceResponse,
-    responses={200: {"description": "SSE: one `data: StreamResponse` event per generated token."}},
+    responses=stream_responses("SSE: one `data: StreamResponse` event per generated token."),
 )
-async def generate_stream(body: GenerateRequest, engine: EngineDep) -> EventSourceResponse:
+async def generate_stream(body: GenerateRequest, engine: EngineDep, principal: PrincipalDep) -> EventSourceResponse:
     # Submitting before the response starts makes a bad request an ordinary JSON error, not a stream event.
-    handle = await _submit(body, engine)
+    handle = await _submit(body, engine, principal)
     return sse_response(handle, _stream_events(body, handle))
 
 
-@router.post("/", response_model=GenerateResponse, summary="TGI compatibility route: generate or stream")
+@router.post(
+    "/",
+    response_model=GenerateResponse,
+    summary="TGI compatibility route: generate or stream",
+    responses=stream_responses("JSON; with `stream: true`, the SSE events of /generate_stream."),
+)
 async def compat_generate(
-    body: GenerateRequest, request: Request, engine: EngineDep
+    body: GenerateRequest, request: Request, engine: EngineDep, principal: PrincipalDep
 ) -> GenerateResponse | JSONResponse | EventSourceResponse:
     if body.stream:
-        return await generate_stream(body, engine)
-    return await generate(body, request, engine)
+        return await generate_stream(body, engine, principal)
+    return await generate(body, request, engine, principal)

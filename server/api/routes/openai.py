@@ -16,7 +16,8 @@ from jinja2 import TemplateError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.api.deps import EngineDep
+from server.api.auth import Principal
+from server.api.deps import EngineDep, PrincipalDep
 from server.api.generation import (
     check_finished,
     client_closed_response,
@@ -27,7 +28,7 @@ from server.api.generation import (
     submit,
     wait_for_result,
 )
-from server.api.routes.responses import ERROR_RESPONSES
+from server.api.routes.responses import ERROR_RESPONSES, stream_responses
 from server.api.schemas.openai import (
     AssistantMessage,
     ChatChoice,
@@ -47,6 +48,7 @@ from server.api.schemas.openai import (
     OpenAIFinishReason,
     Usage,
 )
+from server.api.tenancy import resolve_blend
 from server.engine.engine import Engine, RequestHandle
 from server.engine.types import FinishEvent, FinishReason, InvalidRequestError, TokenEvent, UnknownAdapterError
 
@@ -140,6 +142,7 @@ def _adapters(engine: Engine, body: CompletionRequest | ChatCompletionRequest) -
 
 def _submit(
     engine: Engine,
+    principal: Principal,
     body: CompletionRequest | ChatCompletionRequest,
     prompt_ids: list[int],
     max_new_tokens: int | None,
@@ -158,6 +161,7 @@ def _submit(
         stop=body.stop_list(),
     )
     try:
+        adapters = resolve_blend(principal, engine.registry.store.index, adapters, param=adapter_field)
         return submit(engine, prompt_ids, params, adapters, {**names, "adapter_id": adapter_field})
     except UnknownAdapterError as exc:
         if adapter_field != "model":
@@ -212,13 +216,17 @@ async def _completion_chunks(body: CompletionRequest, handle: RequestHandle, cre
     yield DONE
 
 
-@router.post("/completions", response_model=Completion)
+@router.post(
+    "/completions",
+    response_model=Completion,
+    responses=stream_responses("JSON; with `stream: true`, SSE: `data: Completion` chunks, then `data: [DONE]`."),
+)
 async def completions(
-    body: CompletionRequest, request: Request, engine: EngineDep
+    body: CompletionRequest, request: Request, engine: EngineDep, principal: PrincipalDep
 ) -> Completion | JSONResponse | EventSourceResponse:
     prompt_ids = await encode(engine, body.prompt_text())
     names = {"inputs": "prompt", "max_new_tokens": "max_tokens"}
-    handle = _submit(engine, body, prompt_ids, body.max_tokens, names)
+    handle = _submit(engine, principal, body, prompt_ids, body.max_tokens, names)
     created = int(time.time())
     if body.stream:
         return sse_response(handle, _completion_chunks(body, handle, created))
@@ -293,14 +301,20 @@ async def _chat_chunks(body: ChatCompletionRequest, handle: RequestHandle, creat
     yield DONE
 
 
-@router.post("/chat/completions", response_model=ChatCompletion)
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses=stream_responses(
+        "JSON; with `stream: true`, SSE: `data: ChatCompletionChunk` chunks, then `data: [DONE]`."
+    ),
+)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, engine: EngineDep
+    body: ChatCompletionRequest, request: Request, engine: EngineDep, principal: PrincipalDep
 ) -> ChatCompletion | JSONResponse | EventSourceResponse:
     prompt_ids = await _chat_prompt(engine, body)
     limit_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     names = {"inputs": "messages", "max_new_tokens": limit_field}
-    handle = _submit(engine, body, prompt_ids, body.max_new_tokens(), names)
+    handle = _submit(engine, principal, body, prompt_ids, body.max_new_tokens(), names)
     created = int(time.time())
     if body.stream:
         return sse_response(handle, _chat_chunks(body, handle, created))
@@ -326,10 +340,11 @@ async def chat_completions(
 
 
 @router.get("/models", response_model=ModelList)
-async def models(request: Request, engine: EngineDep) -> ModelList:
+async def models(request: Request, engine: EngineDep, principal: PrincipalDep) -> ModelList:
     created: int = request.app.state.created
     base = ModelCard(id=engine.model_name, created=created)
-    adapters = [
-        ModelCard(id=adapter_id, created=created, parent=engine.model_name) for adapter_id in engine.adapter_ids()
-    ]
+    adapter_ids = await run_in_threadpool(
+        engine.registry.store.index.latest_ids, visible_to=principal.visible_namespace
+    )
+    adapters = [ModelCard(id=adapter_id, created=created, parent=engine.model_name) for adapter_id in adapter_ids]
     return ModelList(data=[base, *adapters])

@@ -15,10 +15,11 @@ from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store.uploads import read_path
-from server.api.deps import EngineDep, SettingsDep
+from server.api.deps import EngineDep, PrincipalDep, SettingsDep
 from server.api.errors import error_response
 from server.api.schemas.adapters import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from server.api.schemas.common import ErrorResponse
+from server.api.tenancy import owned_adapter_ref, writable_adapter_id
 from server.engine.types import UnknownAdapterError
 
 router = APIRouter(prefix="/v1", tags=["vLLM runtime adapters"])
@@ -33,7 +34,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/load_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
-async def load_lora_adapter(body: LoadLoraAdapterRequest, engine: EngineDep, settings: SettingsDep):
+async def load_lora_adapter(
+    body: LoadLoraAdapterRequest, engine: EngineDep, settings: SettingsDep, principal: PrincipalDep
+):
     if settings.import_root is None:
         return error_response(
             "loading adapters from server paths is disabled; start the server with --import-root DIR", 403
@@ -48,11 +51,12 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, engine: EngineDep, set
     if not path.exists():
         return error_response(f"lora_path {body.lora_path!r} does not exist", 404, param="lora_path")
     registry = engine.registry
+    adapter_id = writable_adapter_id(principal, body.lora_name)
 
     def store() -> None:
         parsed = read_path(path, registry.module_shapes, settings.max_adapter_bytes)
         registry.register(
-            body.lora_name,
+            adapter_id,
             parsed.adapter,
             data=parsed.native_bytes,
             source_format=parsed.source_format,
@@ -60,12 +64,21 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, engine: EngineDep, set
         )
 
     await run_in_threadpool(store)
-    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+    return PlainTextResponse(f"Success: LoRA adapter '{adapter_id}' added successfully.")
 
 
 @router.post("/unload_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
-async def unload_lora_adapter(body: UnloadLoraAdapterRequest, engine: EngineDep) -> PlainTextResponse:
-    deleted = await run_in_threadpool(engine.registry.delete, body.lora_name)
-    if not deleted:
-        raise UnknownAdapterError(f"the adapter {body.lora_name!r} cannot be found", param="lora_name")
-    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+async def unload_lora_adapter(
+    body: UnloadLoraAdapterRequest, engine: EngineDep, principal: PrincipalDep
+) -> PlainTextResponse:
+    registry = engine.registry
+    not_found = UnknownAdapterError(f"the adapter {body.lora_name!r} cannot be found", param="lora_name")
+    try:
+        ref = await run_in_threadpool(
+            owned_adapter_ref, principal, registry.store.index, body.lora_name, param="lora_name"
+        )
+    except UnknownAdapterError as error:
+        raise not_found from error
+    if not await run_in_threadpool(registry.delete, ref):
+        raise not_found
+    return PlainTextResponse(f"Success: LoRA adapter '{ref}' removed successfully.")

@@ -23,6 +23,7 @@ class AdapterObject(BaseModel):
     description: str
     metadata: dict[str, Any]
     pinned: bool
+    public: bool = Field(description="Visible to every API key; otherwise to its namespace (and admins) only.")
     status: Literal["ready", "broken"]
     broken_reason: str | None = None
 
@@ -41,6 +42,7 @@ class AdapterObject(BaseModel):
             description=record.description,
             metadata=record.metadata,
             pinned=record.pinned,
+            public=record.public,
             status="broken" if record.broken else "ready",
             broken_reason=record.broken,
         )

@@ -6,13 +6,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-MAX_STOP_SEQUENCES = 4
-MAX_STOP_CHARS = 100
 # Seeds go to torch.Generator.manual_seed; keeping them in int64 also keeps them exact in any JSON client.
 MAX_SEED = 2**63 - 1
 
-StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
-StopList = Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)]
+# How many stop sequences, and how long, is a server setting (--max-stop-sequences, --max-stop-chars) checked by
+# the engine at submit; the request body limit (--max-request-bytes) is what bounds parsing.
+StopSequence = Annotated[str, StringConstraints(min_length=1)]
+StopList = list[StopSequence]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Temperature = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1)]
