@@ -1,9 +1,10 @@
 """Schema fuzzing: schemathesis drives every operation in ``/openapi.json`` against a real server.
 
-Each response must be no 5xx, have a documented status code and content type, and match the
-documented schema. Generation stays fast because the server's own limits bound it (a tiny
-``--max-total-tokens``), not because the generation routes are left out. Runs are reproducible:
-a fixed schemathesis seed, derandomized Hypothesis, no example database.
+The server has an API key and every request sends it. Each response must be no 5xx, have a
+documented status code and content type, and match the documented schema. Generation stays fast
+because the server's own limits bound it (a tiny ``--max-total-tokens``), not because the
+generation routes are left out. Runs are reproducible: a fixed schemathesis seed, derandomized
+Hypothesis, no example database.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ MAX_EXAMPLES = 25
 MAX_TOTAL_TOKENS = 80
 SMALL_UPLOAD_BYTES = 256 * 1024
 LOADED_ID = "fuzz-loaded"
+# Every fuzzed request carries an admin key, so the access middleware is on the path of all of them.
+ADMIN_KEY = "sk-spectra-fuzz-admin"
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -58,6 +62,8 @@ def fuzz_server(
         "--max-adapter-bytes", str(SMALL_UPLOAD_BYTES),
         "--max-training-file-bytes", str(SMALL_UPLOAD_BYTES),
         "--import-root", str(import_root),
+        "--api-key", ADMIN_KEY,
+        api_key=ADMIN_KEY,
     )  # fmt: skip
     yield server
     stop_server(server)
@@ -118,7 +124,24 @@ schema = schemathesis.pytest.from_fixture("api_schema")
     suppress_health_check=list(HealthCheck),
 )
 def test_api_conforms_to_its_schema(case: schemathesis.Case) -> None:
-    case.call_and_validate(checks=CHECKS, timeout=30)
+    case.call_and_validate(checks=CHECKS, timeout=30, headers=AUTH)
+
+
+def test_the_fuzzed_requests_were_authorized_and_reached_the_handlers(fuzz_server: Server) -> None:
+    """Runs after the fuzzing: a 401 is documented too, so without this a lost key would pass silently."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = httpx.get(f"{fuzz_server.base_url}/metrics", timeout=10).text
+    (family,) = [f for f in text_string_to_metric_families(metrics) if f.name == "spectra_http_requests"]
+    by_status: dict[str, float] = {}
+    ok_routes = set()
+    for sample in family.samples:
+        if sample.name.endswith("_total"):
+            by_status[sample.labels["status"]] = by_status.get(sample.labels["status"], 0) + sample.value
+            if sample.labels["status"].startswith("2"):
+                ok_routes.add(sample.labels["route"])
+    assert by_status.get("401", 0) == 0, by_status
+    assert {"/generate", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter"} <= ok_routes, ok_routes
 
 
 def test_every_error_is_documented_in_the_standard_shape(fuzz_server: Server) -> None:
@@ -142,7 +165,7 @@ def test_extreme_sampling_settings_decode_greedily(fuzz_server: Server, field: s
 
     def tokens(**parameters: object) -> list[int]:
         body = {"inputs": "abc abc abc", "parameters": {"max_new_tokens": 4, "details": True, **parameters}}
-        response = httpx.post(url, json=body, timeout=30)
+        response = httpx.post(url, json=body, headers=AUTH, timeout=30)
         assert response.status_code == 200, response.text
         return [token["id"] for token in response.json()["details"]["tokens"]]
 
