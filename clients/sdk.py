@@ -222,6 +222,32 @@ def _content(response: httpx.Response) -> bytes:
     return response.content
 
 
+class SSELineSplitter:
+    """Lines of an SSE body as SSE ends them: at CRLF, LF or CR only.
+
+    Not httpx's ``iter_lines``: it splits like ``str.splitlines``, also at U+0085, U+2028 and U+2029,
+    which JSON strings may hold unescaped (a token whose text is U+0085 arrives that way), cutting one
+    event in two.
+    """
+
+    _LINE_END = re.compile(r"\r\n|\r|\n")
+
+    def __init__(self) -> None:
+        self._buffer = ""
+
+    def feed(self, chunk: str) -> list[str]:
+        self._buffer += chunk
+        # A trailing CR may be the first half of a CRLF: keep it until the next chunk says.
+        complete = len(self._buffer) - 1 if self._buffer.endswith("\r") else len(self._buffer)
+        *lines, rest = self._LINE_END.split(self._buffer[:complete])
+        self._buffer = rest + self._buffer[complete:]
+        return lines
+
+    def close(self) -> list[str]:
+        rest, self._buffer = self._buffer.removesuffix("\r"), ""
+        return [rest] if rest else []
+
+
 def _stream_event(stream: _Stream[M], response: httpx.Response, line: str) -> M | None:
     """The event a ``data:`` line holds; None for the lines between events (blank separators, ``: ping``).
 
@@ -641,7 +667,12 @@ class SpectraClient:
                 if not response.is_success:
                     response.read()
                     raise SpectraAPIError.from_response(response)
-                for line in response.iter_lines():
+                lines = SSELineSplitter()
+                for chunk in response.iter_text():
+                    for line in lines.feed(chunk):
+                        if (event := _stream_event(stream, response, line)) is not None:
+                            yield event
+                for line in lines.close():
                     if (event := _stream_event(stream, response, line)) is not None:
                         yield event
         except httpx.TransportError as error:
@@ -882,7 +913,12 @@ class AsyncSpectraClient:
                 if not response.is_success:
                     await response.aread()
                     raise SpectraAPIError.from_response(response)
-                async for line in response.aiter_lines():
+                lines = SSELineSplitter()
+                async for chunk in response.aiter_text():
+                    for line in lines.feed(chunk):
+                        if (event := _stream_event(stream, response, line)) is not None:
+                            yield event
+                for line in lines.close():
                     if (event := _stream_event(stream, response, line)) is not None:
                         yield event
         except httpx.TransportError as error:

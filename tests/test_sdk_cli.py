@@ -39,6 +39,7 @@ from clients.sdk import (
     SpectraClient,
     SpectraConnectionError,
     SpectraError,
+    SSELineSplitter,
     _Download,
     _save_download,
 )
@@ -248,6 +249,17 @@ def test_peft_download_refuses_a_zip_bomb_before_expanding_it(tmp_path: Path) ->
     with pytest.raises(SpectraError, match="expands to"):
         _save_download(_Download(buffer.getvalue(), None, None), dest, "peft")
     assert not dest.exists()
+
+
+def test_sse_lines_end_only_at_cr_and_lf_whatever_the_chunking() -> None:
+    """Found by bench/load.py: a token whose text is U+0085 arrives unescaped in a data line, and httpx's
+    iter_lines split the event there. U+2028/U+2029 are the same case."""
+    body = 'data: {"text":"\x85"}\r\n\r\ndata: {"text":"\u2028\u2029"}\n\ndata: [DONE]\r'
+    expected = ['data: {"text":"\x85"}', "", 'data: {"text":"\u2028\u2029"}', "", "data: [DONE]"]
+    for size in (1, 2, 3, len(body)):
+        splitter = SSELineSplitter()
+        lines = [line for start in range(0, len(body), size) for line in splitter.feed(body[start : start + size])]
+        assert [*lines, *splitter.close()] == expected, size
 
 
 def test_native_download_checks_the_announced_sha256(tmp_path: Path) -> None:
