@@ -18,6 +18,10 @@ from pathlib import Path
 import httpx
 import torch
 
+from server.engine.model_runner import ModelRunner
+from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
+from server.spectral.fourierft import peft_locations
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_TIMEOUT_S = 300.0
 
@@ -128,3 +132,22 @@ def report_header(benchmark: str, args: argparse.Namespace, load_at_start: float
         "runtime_s": round(time.perf_counter() - began, 1),
         "params": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
     }
+
+
+def target_shapes(model_dir: Path, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> dict[str, tuple[int, int]]:
+    """The (d_out, d_in) of the served model's layers named like ``targets``."""
+    shapes = ModelRunner(model_dir, dtype="float32", device="cpu").module_shapes
+    return {name: shape for name, shape in shapes.items() if name.endswith(targets)}
+
+
+def random_fourierft(
+    shapes: dict[str, tuple[int, int]], n: int, *, coefficient_seed: int, location_seed: int, scaling: float = 150.0
+) -> SpectralAdapter:
+    """FourierFT on ``shapes``: PEFT's locations drawn from ``location_seed``, normal coefficients."""
+    generator = torch.Generator().manual_seed(coefficient_seed)
+    modules = {}
+    for name, shape in sorted(shapes.items()):
+        count = min(n, shape[0] * shape[1])
+        rows, cols = peft_locations(location_seed, shape, count)
+        modules[name] = ModuleSpectrum(torch.randn(count, generator=generator), rows, cols, shape, scaling)
+    return SpectralAdapter("fourierft", modules, norm="backward", seed=location_seed)

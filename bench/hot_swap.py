@@ -35,38 +35,26 @@ from adapters_store.store import AdapterStore
 from bench.common import (
     cpu_model,
     percentile,
+    random_fourierft,
     report_header,
     rss_bytes,
     running_server,
+    target_shapes,
     wait_for_quiet_machine,
     write_report,
 )
-from server.engine.model_runner import ModelRunner
 from server.models.embedded import ensure_default_model
-from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
-from server.spectral.fourierft import peft_locations
+from server.spectral.adapter import SpectralAdapter
 
 SEED = 777  # PEFT's default random_loc_seed: every adapter shares one location set per layer shape
-TARGETS = ("q_proj", "v_proj")
 TARGET_UPLOAD_TO_FIRST_TOKEN_P99_MS = 50.0
 TARGET_COLD_OVER_RESIDENT_TTFT = 1.2
 PROMPT = "Hot-swapped adapters answer at once."
 RSS_ADAPTER_N = 1000
 
 
-def target_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
-    shapes = ModelRunner(model_dir, dtype="float32", device="cpu").module_shapes
-    return {name: shape for name, shape in shapes.items() if name.endswith(TARGETS)}
-
-
 def make_adapter(shapes: dict[str, tuple[int, int]], n: int, index: int) -> SpectralAdapter:
-    generator = torch.Generator().manual_seed(index)
-    modules = {}
-    for name, shape in shapes.items():
-        count = min(n, shape[0] * shape[1])
-        rows, cols = peft_locations(SEED, shape, count)
-        modules[name] = ModuleSpectrum(torch.randn(count, generator=generator), rows, cols, shape, 150.0)
-    return SpectralAdapter("fourierft", modules, norm="backward", seed=SEED)
+    return random_fourierft(shapes, n, coefficient_seed=index, location_seed=SEED)
 
 
 def n_for_file_size(shapes: dict[str, tuple[int, int]], target_bytes: int) -> int:

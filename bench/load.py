@@ -45,18 +45,17 @@ from adapters_store import native
 from bench.common import (
     cpu_model,
     percentile,
+    random_fourierft,
     report_header,
     rss_bytes,
     running_server,
+    target_shapes,
     wait_for_quiet_machine,
     write_report,
 )
 from clients.sdk import SSELineSplitter
-from server.engine.model_runner import ModelRunner
-from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
-from server.spectral.fourierft import peft_locations
+from server.spectral.adapter import SpectralAdapter
 
-TARGETS = ("q_proj", "v_proj")
 SCALING = 150.0
 ENDPOINTS = ("tgi", "completions", "chat")
 PATHS = {"tgi": "/generate_stream", "completions": "/v1/completions", "chat": "/v1/chat/completions"}
@@ -73,20 +72,9 @@ WORDS = PROMPT_WORDS.split()
 # -- adapters ----------------------------------------------------------------------------------------------------
 
 
-def target_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
-    shapes = ModelRunner(model_dir, dtype="float32", device="cpu").module_shapes
-    return {name: shape for name, shape in shapes.items() if name.endswith(TARGETS)}
-
-
 def make_adapter(shapes: dict[str, tuple[int, int]], n: int, seed: int) -> SpectralAdapter:
-    """FourierFT on ``shapes`` with random coefficients and its own ``random_loc_seed`` (``seed``)."""
-    generator = torch.Generator().manual_seed(seed)
-    modules = {}
-    for name, shape in sorted(shapes.items()):
-        count = min(n, shape[0] * shape[1])
-        rows, cols = peft_locations(seed, shape, count)
-        modules[name] = ModuleSpectrum(torch.randn(count, generator=generator), rows, cols, shape, SCALING)
-    return SpectralAdapter("fourierft", modules, norm="backward", seed=seed)
+    """Random coefficients and its own ``random_loc_seed``, both ``seed``."""
+    return random_fourierft(shapes, n, coefficient_seed=seed, location_seed=seed, scaling=SCALING)
 
 
 def upload_adapters(client: httpx.Client, shapes: dict[str, tuple[int, int]], args: argparse.Namespace) -> dict:
