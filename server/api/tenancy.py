@@ -61,6 +61,12 @@ def visible_adapter(principal: Principal, index: AdapterIndex, ref: str, *, para
     raise UnknownAdapterError(f"adapter {ref!r} not found", param=param)
 
 
+def _qualified(record: AdapterRecord, ref: str) -> str:
+    """``ref`` with the full id of the record it resolved to, keeping an explicit ``@N`` (not "latest")."""
+    version = parse_ref(ref).version
+    return record.adapter_id if version is None else f"{record.adapter_id}@{version}"
+
+
 def owned_adapter_ref(principal: Principal, index: AdapterIndex, ref: str, *, param: str = "adapter_id") -> str:
     """``ref`` qualified for a delete: it must be visible and in the caller's namespace (else 404 or 403)."""
     record = visible_adapter(principal, index, ref, param=param)
@@ -68,8 +74,7 @@ def owned_adapter_ref(principal: Principal, index: AdapterIndex, ref: str, *, pa
         raise PermissionDeniedError(
             f"adapter {record.adapter_id!r} is not in the namespace of the API key {principal.name!r}", param=param
         )
-    version = parse_ref(ref).version
-    return record.adapter_id if version is None else f"{record.adapter_id}@{version}"
+    return _qualified(record, ref)
 
 
 def resolve_blend(
@@ -80,9 +85,7 @@ def resolve_blend(
         return adapters
     resolved: dict[str, float] = {}
     for ref, weight in adapters.items():
-        record = visible_adapter(principal, index, ref, param=param)
-        version = parse_ref(ref).version
-        resolved[record.adapter_id if version is None else f"{record.adapter_id}@{version}"] = weight
+        resolved[_qualified(visible_adapter(principal, index, ref, param=param), ref)] = weight
     return resolved
 
 
