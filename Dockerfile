@@ -22,11 +22,14 @@ RUN case "$VARIANT" in \
         *) echo "VARIANT must be cpu or cuda, not '$VARIANT'" >&2; exit 1 ;; \
     esac
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY server ./server
 COPY adapters_store ./adapters_store
 COPY clients ./clients
-RUN pip install .
+# Every other package at the version `make test` ran on: the lock's pins, less torch (it came from the variant's
+# index) and less the hashes (pip wants them on all or none, and torch's is the development machines' wheel).
+RUN sed -n 's/^\([A-Za-z0-9][^ ]*==[^ ]*\) \\$/\1/p' requirements.lock | grep -v '^torch==' > /tmp/constraints.txt \
+    && pip install --constraint /tmp/constraints.txt .
 
 FROM ${PYTHON_IMAGE} AS runtime-cpu
 

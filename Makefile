@@ -1,21 +1,24 @@
-# The two set-up commands (README): `make serve` and `make test`. Both create/refresh .venv.
+# The two set-up commands (README): `make serve` and `make test`. Both create/refresh .venv with exactly
+# the packages of requirements.lock (versions and hashes); nothing is resolved at install time.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+LOCK := requirements.lock
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 SPECTRA_DATA_DIR ?= ./data
 
-.PHONY: serve test lint bench venv clean
+.PHONY: serve test lint lock bench venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch is pinned and installed first so pip takes the local CPU build instead of resolving
-# a newer release with several GB of CUDA packages.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+# The lock pins torch==2.13.0+cpu, the local CPU wheel pip finds on these machines, so no CUDA package
+# comes in. pip-sync (pip-tools, itself locked) then removes whatever an older lock left behind, and the
+# project goes in editable without build isolation: its build backend (setuptools) is in the lock too.
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip-sync --quiet --no-config $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation --editable .
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -32,6 +35,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Refresh the lock on purpose (new dependency, range change, security update): every package moves to the
+# newest release pyproject.toml allows. Options are in pyproject.toml's [tool.pip-tools].
+lock: $(STAMP)
+	$(BIN)/pip-compile --quiet --upgrade pyproject.toml
+	@grep -q '^torch==2.13.0+cpu ' $(LOCK) || { echo "$(LOCK): torch is not the local CPU build 2.13.0+cpu" >&2; exit 1; }
+	@! grep -qiE '^nvidia-|^triton==' $(LOCK) || { echo "$(LOCK): CUDA packages crept in" >&2; exit 1; }
 
 bench: $(STAMP)
 	$(BIN)/python bench/spectral_apply.py

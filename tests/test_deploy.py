@@ -313,7 +313,18 @@ def test_dockerfile_torch_matches_the_project_pin() -> None:
     assert f"torch=={torch_arg.partition('=')[2]}" in project["dependencies"]
     installs = " ".join(values(instructions, "RUN"))
     assert "--index-url https://download.pytorch.org/whl/cpu" in installs
-    assert "pip install ." in installs
+    assert "pip install --constraint /tmp/constraints.txt ." in installs
+
+
+def test_dockerfile_installs_the_locked_versions(tmp_path: Path) -> None:
+    """The image's constraints, made by the Dockerfile's own command from the lock: every pin but torch."""
+    (step,) = [args for args in values(parse_dockerfile(ROOT / "Dockerfile"), "RUN") if "requirements.lock" in args]
+    make_constraints = step.partition(" && ")[0].replace("/tmp/constraints.txt", str(tmp_path / "constraints.txt"))
+    subprocess.run(["sh", "-c", make_constraints], cwd=ROOT, check=True, timeout=30)
+    constraints = (tmp_path / "constraints.txt").read_text().splitlines()
+    locked = re.findall(r"^([A-Za-z0-9][^ ]*==[^ ]*) \\$", (ROOT / "requirements.lock").read_text(), re.MULTILINE)
+    assert constraints == [pin for pin in locked if not pin.startswith("torch==")]
+    assert len(constraints) > 50
 
 
 def dockerignored(path: str, patterns: list[str]) -> bool:
