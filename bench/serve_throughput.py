@@ -48,10 +48,11 @@ from bench.common import (
     write_report,
 )
 from server.engine.adapters import AdapterRegistry
-from server.engine.engine import Engine, EngineLimits, RequestHandle
+from server.engine.engine import Engine, RequestHandle
 from server.engine.model_runner import ModelRunner
 from server.engine.types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from server.models.embedded import DEFAULT_MODEL_NAME, ensure_default_model, save_tiny_model, tiny_llama_config
+from server.settings import ServerSettings
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
 from server.spectral.fourierft import peft_locations
 
@@ -187,8 +188,8 @@ def engine_scenarios(
     for index, adapter in enumerate(adapters):
         registry.register(adapter_name(index), adapter)
     # All requests must fit in one batch: the burst is "everyone at once". The prefill budget stays the default.
-    limits = EngineLimits(max_batch_size=len(prompts), max_queue=max(256, len(prompts)))
-    engine = Engine(runner, registry, limits, Path(runner.model_path).name)
+    settings = ServerSettings(max_batch_size=len(prompts), max_queue=max(256, len(prompts)))
+    engine = Engine(runner, registry, settings, Path(runner.model_path).name)
     names: dict[str, list[str | None]] = {
         "engine_base": [None] * len(prompts),
         "engine_adapters": [adapter_name(index) for index in range(len(prompts))],
@@ -208,7 +209,7 @@ def engine_scenarios(
         bursts = asyncio.run(run_all())
     finally:
         engine.stop()
-    info = {"limits": limits.__dict__, "routed_layers": len(runner.module_shapes)}
+    info = {"limits": settings.limits(), "routed_layers": len(runner.module_shapes)}
     return bursts, info
 
 

@@ -16,10 +16,10 @@ from adapters_store.store import AdapterStore
 from adapters_store.uploads import read_path
 from server.api.auth import ExposureError, KeysFileError, check_exposure, key_ring
 from server.engine.adapters import AdapterRegistry
-from server.engine.engine import Engine, EngineLimits
+from server.engine.engine import Engine
 from server.engine.model_runner import ModelRunner
 from server.finetune.job_store import JobStore
-from server.finetune.jobs import FinetuneLimits, JobManager
+from server.finetune.jobs import JobManager
 from server.logging_setup import configure_logging
 from server.models.embedded import DEFAULT_MODEL_NAME, ensure_default_model
 from server.settings import ServerSettings
@@ -62,28 +62,12 @@ def build_engine(settings: ServerSettings) -> Engine:
     )
     store_startup_adapters(registry, settings.adapters, settings.max_adapter_bytes)
     registry.load_pinned()
-    limits = EngineLimits(
-        max_batch_size=settings.max_batch_size,
-        max_input_tokens=settings.max_input_tokens,
-        max_total_tokens=settings.max_total_tokens,
-        max_queue=settings.max_queue,
-        max_new_tokens=settings.max_new_tokens,
-        max_new_tokens_default=settings.max_new_tokens_default,
-        max_stop_sequences=settings.max_stop_sequences,
-        max_stop_chars=settings.max_stop_chars,
-        max_blend_adapters=settings.max_blend_adapters,
-        prefill_token_budget=settings.prefill_token_budget,
-        training_share=settings.training_share,
-    )
-    return Engine(runner, registry, limits, name)
+    return Engine(runner, registry, settings, name)
 
 
 def build_jobs(engine: Engine, files: FileStore, settings: ServerSettings) -> JobManager:
     root = settings.data_dir / "finetune"
-    limits = FinetuneLimits(
-        max_concurrent_jobs=settings.max_concurrent_jobs, micro_batch_tokens=settings.finetune_micro_batch_tokens
-    )
-    return JobManager(engine, files, JobStore(root / "jobs.sqlite3"), root / "checkpoints", limits)
+    return JobManager(engine, files, JobStore(root / "jobs.sqlite3"), root / "checkpoints", settings)
 
 
 def torch_threads(requested: int) -> int:

@@ -8,8 +8,9 @@ import torch
 
 from adapters_store.store import AdapterStore
 from server.engine.adapters import AdapterRegistry
-from server.engine.engine import Engine, EngineLimits
+from server.engine.engine import Engine
 from server.engine.model_runner import ModelRunner
+from server.settings import ServerSettings
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
 from server.spectral.fourierft import peft_locations
 
@@ -29,7 +30,7 @@ def random_adapter(
     return SpectralAdapter(method, modules, norm="ortho", seed=seed if method == "fourierft" else None)  # type: ignore[arg-type]
 
 
-def make_engine(model_dir: Path, store_dir: Path, *, adapter_memory: int = 1 << 30, **limits: int) -> Engine:
+def make_engine(model_dir: Path, store_dir: Path, *, adapter_memory: int = 1 << 30, **settings: float) -> Engine:
     runner = ModelRunner(model_dir, dtype="float32", device="cpu")
     store = AdapterStore(store_dir)
     registry = AdapterRegistry(
@@ -40,4 +41,4 @@ def make_engine(model_dir: Path, store_dir: Path, *, adapter_memory: int = 1 << 
         base_model="tiny",
         memory_budget_bytes=adapter_memory,
     )
-    return Engine(runner, registry, EngineLimits(**limits), "tiny")
+    return Engine(runner, registry, ServerSettings(**settings), "tiny")

@@ -78,8 +78,9 @@ def _trainer(
     plan: TrainingPlan | None = None,
     seed: int = 5,
     scaling: float = 40.0,
+    dtype: torch.dtype = torch.float32,
 ):
-    model, bank, shapes = load_routed(model_dir)
+    model, bank, shapes = load_routed(model_dir, dtype)
     model_type = model.config.model_type
     spec = resolve_adapter(
         method=method,  # type: ignore[arg-type]
@@ -197,7 +198,9 @@ def test_close_gives_the_bank_slot_back(tiny_llama_dir: Path) -> None:
 
 
 def test_a_non_finite_loss_raises_before_any_update(tiny_llama_dir: Path) -> None:
-    trainer, _ = _trainer(tiny_llama_dir, "fourierft", scaling=1e38)
+    from tests.http_fixtures import OVERFLOWING_SCALING
+
+    trainer, _ = _trainer(tiny_llama_dir, "fourierft", scaling=OVERFLOWING_SCALING, dtype=torch.float16)
     examples = _examples(4)
     with pytest.raises(NonFiniteLossError, match=r"the training loss is (nan|inf) at step 1"):
         trainer.accumulate(examples, _trained(examples))
@@ -286,9 +289,8 @@ def test_training_steps_interleave_with_serving_and_never_starve_it(tiny_llama_d
     Each training step records, on the engine thread, how many tokens the running request had by then:
     the event loop's own timestamps arrive late and in bursts, so they cannot order the two.
     """
-    engine = make_engine(tiny_llama_dir, tmp_path / "store")
     share = 0.3
-    engine.limits.__dict__["training_share"] = share
+    engine = make_engine(tiny_llama_dir, tmp_path / "store", training_share=share)
     # The random model emits its EOS within a few dozen tokens; without one the request runs all 400.
     engine.runner.eos_token_ids = set()
     engine.start()

@@ -90,7 +90,7 @@ async def encode(engine: Engine, text: str, *, add_special_tokens: bool = True) 
 
 def default_max_new_tokens(engine: Engine, prompt_tokens: int) -> int:
     # An omitted limit must not turn a prompt that fits into a 422: cap the default to the room left.
-    limits = engine.limits
+    limits = engine.settings
     room = limits.max_total_tokens - prompt_tokens
     return max(1, min(limits.max_new_tokens_default, limits.max_new_tokens, room))
 

@@ -40,25 +40,11 @@ from server.engine.types import (
     QueueFullError,
     TokenEvent,
 )
+from server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    max_batch_size: int = 32
-    max_input_tokens: int = 1024
-    max_total_tokens: int = 2048
-    max_queue: int = 256
-    max_new_tokens: int = 1024
-    max_new_tokens_default: int = 64
-    max_stop_sequences: int = 4
-    max_stop_chars: int = 100
-    prefill_token_budget: int = 512
-    max_blend_adapters: int = 8
-    training_share: float = 0.3
 
 
 @dataclass(eq=False)
@@ -129,10 +115,10 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, registry: AdapterRegistry, limits: EngineLimits, model_name: str):
+    def __init__(self, runner: ModelRunner, registry: AdapterRegistry, settings: ServerSettings, model_name: str):
         self.runner = runner
         self.registry = registry
-        self.limits = limits
+        self.settings = settings
         self.model_name = model_name
         self.tokenizer = runner.tokenizer
         self._waiting: deque[Sequence] = deque()
@@ -186,9 +172,6 @@ class Engine:
     def running_count(self) -> int:
         return len(self._running) + len(self._prefilling)
 
-    def adapter_ids(self) -> list[str]:
-        return self.registry.ids()
-
     def info(self) -> dict:
         return {
             "model_id": self.model_name,
@@ -196,17 +179,7 @@ class Engine:
             "architecture": self.runner.architecture,
             "dtype": str(self.runner.dtype).removeprefix("torch."),
             "device": str(self.runner.device),
-            "limits": {
-                "max_batch_size": self.limits.max_batch_size,
-                "max_input_tokens": self.limits.max_input_tokens,
-                "max_total_tokens": self.limits.max_total_tokens,
-                "max_queue": self.limits.max_queue,
-                "max_new_tokens": self.limits.max_new_tokens,
-                "max_new_tokens_default": self.limits.max_new_tokens_default,
-                "max_stop_sequences": self.limits.max_stop_sequences,
-                "max_stop_chars": self.limits.max_stop_chars,
-                "prefill_token_budget": self.limits.prefill_token_budget,
-            },
+            "limits": self.settings.limits(),
             "adapters": {
                 "registered": self.registry.count(),
                 "resident": self.registry.resident_count(),
@@ -236,12 +209,12 @@ class Engine:
             generator = torch.Generator().manual_seed(request.params.seed if request.params.seed is not None else 0)
         sequence = Sequence(request, handle, leases, torch.tensor(request.prompt_ids, dtype=torch.long), generator)
         with self._wakeup:
-            if len(self._waiting) >= self.limits.max_queue:
+            if len(self._waiting) >= self.settings.max_queue:
                 self._drop_cancelled_waiting()
-            if len(self._waiting) >= self.limits.max_queue:
+            if len(self._waiting) >= self.settings.max_queue:
                 for lease, _ in leases:
                     lease.release()
-                raise QueueFullError(f"the queue is full ({self.limits.max_queue} waiting, --max-queue); retry later")
+                raise QueueFullError(f"the queue is full ({self.settings.max_queue} waiting, --max-queue); retry later")
             self._waiting.append(sequence)
             self._wakeup.notify()
         for adapter_id in request.adapters or [None]:
@@ -251,7 +224,7 @@ class Engine:
     def _validate(self, request: GenerationRequest) -> None:
         """The per-request limits. A message that starts with its ``param`` lets the API layer put the
         client's own field name there; each names the ``spectra serve`` flag that sets the limit."""
-        limits = self.limits
+        limits = self.settings
         prompt_tokens = len(request.prompt_ids)
         if prompt_tokens == 0:
             raise InvalidRequestError("the prompt is empty", param="inputs")
@@ -287,9 +260,9 @@ class Engine:
             )
         if any(not stop for stop in stops):
             raise InvalidRequestError("stop must not contain an empty sequence", param="stop")
-        if len(request.adapters) > self.limits.max_blend_adapters:
+        if len(request.adapters) > self.settings.max_blend_adapters:
             raise InvalidRequestError(
-                f"a blend may name at most {self.limits.max_blend_adapters} adapters, got {len(request.adapters)}",
+                f"a blend may name at most {self.settings.max_blend_adapters} adapters, got {len(request.adapters)}",
                 param="adapters",
             )
         vocab = len(self.tokenizer)
@@ -338,7 +311,7 @@ class Engine:
             task.error = error
         finally:
             ended = time.monotonic()
-            share = self.limits.training_share
+            share = self.settings.training_share
             self._training_due_at = ended + (ended - started) * (1 - share) / share
             task.done.set()
 
@@ -351,7 +324,7 @@ class Engine:
 
     def _admit(self) -> None:
         with self._wakeup:
-            while self._waiting and len(self._running) + len(self._prefilling) < self.limits.max_batch_size:
+            while self._waiting and len(self._running) + len(self._prefilling) < self.settings.max_batch_size:
                 sequence = self._waiting.popleft()
                 metrics.QUEUE_TIME.observe(time.monotonic() - sequence.submitted_at)
                 sequence.slots = [lease.slot() for lease, _ in sequence.leases]
@@ -390,14 +363,14 @@ class Engine:
         return slots, weights[:, None, :].expand(-1, columns, -1)
 
     def _prefill(self) -> None:
-        budget = self.limits.prefill_token_budget
+        budget = self.settings.prefill_token_budget
         group: list[Sequence] = []
         for sequence in list(self._prefilling):
             remaining = sequence.prompt.numel() - sequence.prefilled
             if sequence.prefilled == 0 and remaining <= budget:
                 group.append(sequence)
                 budget -= remaining
-            elif not group and budget == self.limits.prefill_token_budget:
+            elif not group and budget == self.settings.prefill_token_budget:
                 self._prefill_chunk(sequence, budget)
                 return
         if group:

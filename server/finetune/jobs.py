@@ -46,6 +46,7 @@ from server.finetune.trainer import (
     initial_adapter,
     micro_batches,
 )
+from server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +77,6 @@ class ResumeError(RuntimeError):
     """A job interrupted by a restart whose checkpoint cannot be continued from."""
 
 
-@dataclass(frozen=True)
-class FinetuneLimits:
-    max_concurrent_jobs: int = 1
-    micro_batch_tokens: int = 2048
-
-
 @dataclass
 class _LiveJob:
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -105,12 +100,12 @@ def _trained_tokens(examples: list[TrainingExample]) -> int:
 
 
 class JobManager:
-    def __init__(self, engine: Engine, files: FileStore, store: JobStore, state_dir: Path, limits: FinetuneLimits):
+    def __init__(self, engine: Engine, files: FileStore, store: JobStore, state_dir: Path, settings: ServerSettings):
         self.engine = engine
         self.files = files
         self.store = store
         self.state_dir = state_dir
-        self.limits = limits
+        self.settings = settings
         self._live: dict[str, _LiveJob] = {}
         self._turn = threading.Condition()
         self._queue: list[str] = []
@@ -262,7 +257,7 @@ class JobManager:
             return parse_training_file(
                 self.files.read(record),
                 self.engine.tokenizer,
-                max_tokens=self.engine.limits.max_total_tokens,
+                max_tokens=self.engine.settings.max_total_tokens,
                 end_token_ids=self.engine.runner.eos_token_ids,
             )
         except TrainingFileError as error:
@@ -279,7 +274,7 @@ class JobManager:
             n_epochs=requested.get("n_epochs", "auto"),
             batch_size=requested.get("batch_size", "auto"),
             learning_rate_multiplier=requested.get("learning_rate_multiplier", "auto"),
-            micro_batch_tokens=self.limits.micro_batch_tokens,
+            micro_batch_tokens=self.settings.finetune_micro_batch_tokens,
         )
         self.store.update_job(job.id, hyperparameters=plan.as_dict())
         return training, validation, plan
@@ -335,7 +330,7 @@ class JobManager:
                 while not (
                     live.cancel.is_set()
                     or self._stopping
-                    or (self._queue[0] == job_id and len(self._running) < self.limits.max_concurrent_jobs)
+                    or (self._queue[0] == job_id and len(self._running) < self.settings.max_concurrent_jobs)
                 ):
                     self._turn.wait()
             finally:

@@ -75,7 +75,7 @@ async def upload_file(
         return count_training_examples(
             data,
             engine.tokenizer,
-            max_tokens=engine.limits.max_total_tokens,
+            max_tokens=engine.settings.max_total_tokens,
             end_token_ids=engine.runner.eos_token_ids,
         )
 
