@@ -128,9 +128,9 @@ class AdapterRegistry:
 
     # -- catalogue ---------------------------------------------------------------------------
 
-    def ids(self) -> list[str]:
-        """Every servable id (its latest version is not broken), in id order."""
-        return self.store.index.latest_ids()
+    def ids(self, visible_to: str | None = None) -> list[str]:
+        """Every servable id (its latest version is not broken) that namespace ``visible_to`` may see, in id order."""
+        return self.store.index.latest_ids(visible_to=visible_to)
 
     def count(self) -> int:
         return self.store.index.count_ids()

@@ -43,11 +43,6 @@ class EngineStoppedError(EngineError):
     error_type = "unavailable_error"
 
 
-class EngineNotReadyError(EngineError):
-    status_code = 503
-    error_type = "unavailable_error"
-
-
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding settings; defaults give greedy decoding."""

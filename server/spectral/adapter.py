@@ -55,6 +55,3 @@ class SpectralAdapter:
     @property
     def n_params(self) -> int:
         return sum(spectrum.n for spectrum in self.modules.values())
-
-    def fingerprint(self) -> dict[str, list[int]]:
-        return {name: list(spectrum.shape) for name, spectrum in sorted(self.modules.items())}

@@ -151,18 +151,13 @@ class _Slot:
     modules: tuple[str, ...]
 
 
-class BankFullError(RuntimeError):
-    """Raised when no slot can be allocated within the bank's slot limit."""
-
-
 class AdapterBank:
     """Resident adapters of one base model, addressed by slot."""
 
-    def __init__(self, device: torch.device | str = "cpu", initial_slots: int = 16, max_slots: int | None = None):
+    def __init__(self, device: torch.device | str = "cpu", initial_slots: int = 16):
         self.device = torch.device(device)
         self.lock = threading.RLock()
         self.layers: dict[str, LayerTable] = {}
-        self.max_slots = max_slots
         self._slot_capacity = max(2, initial_slots)
         self._slots: dict[int, _Slot] = {}
         self._free_slots: list[int] = []
@@ -217,8 +212,6 @@ class AdapterBank:
         if self._free_slots:
             return self._free_slots.pop()
         slot = self._next_slot
-        if self.max_slots is not None and slot > self.max_slots:
-            raise BankFullError(f"adapter bank is full ({self.max_slots} slots)")
         self._next_slot += 1
         if slot >= self._slot_capacity:
             self._slot_capacity = max(slot + 1, 2 * self._slot_capacity)

@@ -343,8 +343,6 @@ async def chat_completions(
 async def models(request: Request, engine: EngineDep, principal: PrincipalDep) -> ModelList:
     created: int = request.app.state.created
     base = ModelCard(id=engine.model_name, created=created)
-    adapter_ids = await run_in_threadpool(
-        engine.registry.store.index.latest_ids, visible_to=principal.visible_namespace
-    )
+    adapter_ids = await run_in_threadpool(engine.registry.ids, visible_to=principal.visible_namespace)
     adapters = [ModelCard(id=adapter_id, created=created, parent=engine.model_name) for adapter_id in adapter_ids]
     return ModelList(data=[base, *adapters])
