@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.models.embedded import ensure_default_model
 from tests.test_peft_parity import save_peft_adapter
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +112,25 @@ def http_server(
     tiny_llama_dir: Path, peft_adapter_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     server = start_server(tiny_llama_dir, tmp_path_factory.mktemp("http-data"), peft_adapter_dirs)
+    yield server
+    stop_server(server)
+
+
+# A job whose loss is not finite, by construction rather than by the luck of fp32 rounding: on a float16
+# model the spectral delta (computed in fp32, about scaling * 1e-3 here) is cast to float16, so any
+# |delta| > 65504 becomes inf, and inf meets the residual stream's RMSNorm as inf * rsqrt(inf) = inf * 0 =
+# NaN, which attention spreads to every later position. In fp32 the same scaling is no guarantee: from
+# about 1e20 to 3e37 the activations stay finite, the RMSNorm's squares overflow, rsqrt(inf) = 0 zeroes
+# every hidden state and the loss is exactly ln(vocab); 1e38 sits at fp32's edge, where the outcome
+# depends on the seed and on the kernels' summation order (docs/finetuning.md).
+OVERFLOWING_SCALING = 1e30
+
+
+@pytest.fixture(scope="session")
+def float16_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The embedded default model served in float16 (see OVERFLOWING_SCALING)."""
+    model_dir = ensure_default_model(tmp_path_factory.mktemp("float16-model"))
+    server = start_server(model_dir, tmp_path_factory.mktemp("float16-data"), {}, "--dtype", "float16")
     yield server
     stop_server(server)
 

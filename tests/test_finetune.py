@@ -184,24 +184,27 @@ def test_a_job_memorises_eight_pairs_that_the_base_model_does_not_know(ft_server
     assert reproduced(ft_server, adapter_id) >= 7
 
 
-def test_a_job_whose_loss_is_not_finite_fails_with_that_reason_and_leaves_no_adapter(ft_server: Server) -> None:
-    """Valid data and settings, but a scaling so large that the first forward overflows."""
-    training_file = upload_training_file(ft_server, [{"prompt": p, "completion": c} for p, c in PAIRS])
+def test_a_job_whose_loss_is_not_finite_fails_with_that_reason_and_leaves_no_adapter(float16_server: Server) -> None:
+    """Valid data and settings, but a scaling whose dW overflows the float16 model's activations."""
+    from tests.http_fixtures import OVERFLOWING_SCALING
+
+    server = float16_server
+    training_file = upload_training_file(server, [{"prompt": p, "completion": c} for p, c in PAIRS])
     job = create_job(
-        ft_server,
+        server,
         training_file,
         hyperparameters={"n_epochs": 2, "batch_size": 4},
-        adapter={"scaling": 1e38, "init": "normal"},
+        adapter={"scaling": OVERFLOWING_SCALING, "init": "normal"},
     )
-    job = finished(ft_server, job["id"])
-    assert job["status"] == "failed"
+    job = finished(server, job["id"])
+    assert job["status"] == "failed", job
     assert job["error"]["code"] == "non_finite_loss"
     assert job["error"]["message"].startswith(("the training loss is nan at step 1", "the training loss is inf"))
     assert job["fine_tuned_model"] is None
-    assert httpx.get(f"{ft_server.base_url}/v1/adapters/{job['adapter_id']}").status_code == 404
-    assert events(ft_server, job["id"])[-1]["level"] == "error"
-    assert httpx.get(f"{ft_server.base_url}/health").status_code == 200
-    assert _info(ft_server)["fine_tuning"]["training_state_bytes"] == 0
+    assert httpx.get(f"{server.base_url}/v1/adapters/{job['adapter_id']}").status_code == 404
+    assert events(server, job["id"])[-1]["level"] == "error"
+    assert httpx.get(f"{server.base_url}/health").status_code == 200
+    assert _info(server)["fine_tuning"]["training_state_bytes"] == 0
 
 
 def _info(server: Server) -> dict[str, Any]:
@@ -268,6 +271,8 @@ def test_serving_during_a_job_is_batch_invariant_and_cancel_frees_its_memory(
         ({"adapter": {"type": "lora"}}, 422, "adapter.type"),
         ({"adapter": {"target_modules": ["nonexistent"]}}, 422, "match no linear layer"),
         ({"adapter": {"n_frequency": 10**9}}, 422, "exceeds"),
+        ({"adapter": {"scaling": 1e39}}, 422, "scaling must be a non-zero number of magnitude at most 3.403e+38"),
+        ({"adapter": {"scaling": 0}}, 422, "scaling must be a non-zero number"),
         ({"adapter": {"type": "fourierft", "delta": 0.5}}, 422, "sdctft"),
         ({"suffix": "bad suffix!"}, 422, "suffix"),
         ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}}, 422, "n_epochs"),

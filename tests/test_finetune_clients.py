@@ -438,11 +438,14 @@ def test_cli_create_follow_json_prints_one_object_a_line(
 
 
 def test_cli_failed_job_and_refused_requests_exit_1_with_the_server_message(
-    cli: CliRunner, train_path: Path, train_file: FileObject
+    cli: CliRunner, train_path: Path, train_file: FileObject, float16_server: Server
 ) -> None:
-    # Valid settings, but a scaling so large that the first forward pass overflows: the job fails.
-    result = spectra(cli, "finetune", "create", "--file", str(train_path), "--epochs", "2", "--batch-size", "4",
-                     "--scaling", "1e38", "--init", "normal", "--follow")  # fmt: skip
+    from tests.http_fixtures import OVERFLOWING_SCALING
+
+    # Valid settings, but a scaling whose dW overflows the float16 model's first forward: the job fails.
+    float16_cli = CliRunner(env={"SPECTRA_URL": float16_server.base_url, "COLUMNS": "160"})
+    result = spectra(float16_cli, "finetune", "create", "--file", str(train_path), "--epochs", "2", "--batch-size", "4",
+                     "--scaling", str(OVERFLOWING_SCALING), "--init", "normal", "--follow")  # fmt: skip
     assert result.exit_code == 1, result.output
     assert re.search(r"Job ftjob-[0-9a-f]+ failed \(non_finite_loss\): the training loss is (nan|inf)", result.stderr)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -13,6 +12,8 @@ Auto = Literal["auto"]
 # Adam moves each coefficient by about the learning rate per step; beyond 1000x the base rate every
 # step overshoots (and 1e38x overflows fp32 inside the optimizer).
 MAX_LEARNING_RATE_MULTIPLIER = 1000.0
+# float32's largest value: the adapter bank keeps each scaling in float32, where a larger one is inf.
+MAX_SCALING = 3.4028234663852886e38
 
 
 class Hyperparameters(BaseModel):
@@ -75,8 +76,8 @@ class AdapterOptions(BaseModel):
     @field_validator("scaling")
     @classmethod
     def _scaling(cls, value: float | None) -> float | None:
-        if value is not None and not (math.isfinite(value) and value != 0):
-            raise ValueError("scaling must be a finite, non-zero number")
+        if value is not None and not (value != 0 and abs(value) <= MAX_SCALING):
+            raise ValueError(f"scaling must be a non-zero number of magnitude at most {MAX_SCALING:.4g} (float32)")
         return value
 
     @field_validator("norm", "delta")
