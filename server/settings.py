@@ -101,7 +101,8 @@ class ServerSettings(BaseSettings):
     )
     adapters: Annotated[dict[str, Path], NoDecode] = Field(
         default_factory=dict,
-        description="an adapter stored at start (PEFT directory or native file); repeatable",
+        description="an adapter stored at start (PEFT directory or native file); repeatable; the variable takes "
+        "them space-separated",
         json_schema_extra={"flag": "adapter", "metavar": "NAME=PATH"},
     )
     adapter_memory: ByteSize = Field(

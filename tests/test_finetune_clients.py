@@ -467,7 +467,16 @@ def test_cli_ctrl_c_stops_following_not_the_job(
     job = client.create_job(training_file=train_file.id, n_epochs=LONG_EPOCHS, batch_size=4)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     command = [sys.executable, "-m", "clients.cli", "finetune", "--url", server.base_url, "follow", job.id, "--json"]
-    follower = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Ctrl-C's default disposition, whatever this process inherited: a shell starts a background job with
+    # SIGINT ignored, the child would inherit that, and Python installs no KeyboardInterrupt handler then.
+    follower = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         assert follower.stdout is not None
         assert json.loads(follower.stdout.readline())["object"] == "fine_tuning.job.event"  # following

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.api.schemas.finetune import MAX_SCALING
 from server.engine.types import GenerationRequest, SamplingParams
 from server.finetune.data import TrainingExample
 from server.finetune.hyperparameters import (
@@ -206,6 +208,11 @@ def test_a_non_finite_loss_raises_before_any_update(tiny_llama_dir: Path) -> Non
         trainer.accumulate(examples, _trained(examples))
 
 
+def test_the_largest_job_scaling_is_the_largest_float32() -> None:
+    """The bank keeps scalings in float32; the API refuses what would be inf there."""
+    assert torch.finfo(torch.float32).max == MAX_SCALING
+
+
 def test_initial_locations_follow_each_methods_rule(tiny_llama_dir: Path, tiny_gpt2_dir: Path) -> None:
     _, fourier = _trainer(tiny_llama_dir, "fourierft", seed=21)
     for spectrum in fourier.modules.values():
@@ -334,4 +341,6 @@ def test_training_steps_interleave_with_serving_and_never_starve_it(tiny_llama_d
     last_served = max(step[1] for step in during)
     idle = [step for step in steps if step[2] is None and step[0] > last_served]
     gaps = [later[0] - earlier[1] for earlier, later in itertools.pairwise(idle)]
-    assert gaps and max(gaps) < step_seconds, "with no requests, training steps should run back to back"
+    # The median, not the maximum: a preempted thread may stretch one gap, while a policy that paused
+    # between idle steps would make every gap at least step_seconds * (1 - share) / share (2.3x step_seconds).
+    assert gaps and statistics.median(gaps) < step_seconds, "with no requests, training steps run back to back"
