@@ -9,7 +9,6 @@ A field's ``json_schema_extra`` says how it is shown: ``limit`` puts it in ``/in
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -211,7 +210,7 @@ def shown_default(name: str) -> str | None:
         return None
     if isinstance(default, bool):
         return "on" if default else "off"
-    if isinstance(default, float) and math.isfinite(default) and default == int(default):
+    if isinstance(default, float) and default.is_integer():
         return str(int(default))
     return str(default)
 
