@@ -48,7 +48,8 @@ from bench.common import (
     write_report,
 )
 from server.engine.adapters import AdapterRegistry
-from server.engine.engine import Engine, RequestHandle
+from server.engine.engine import Engine
+from server.engine.handle import RequestHandle
 from server.engine.model_runner import ModelRunner
 from server.engine.types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from server.models.embedded import DEFAULT_MODEL_NAME, ensure_default_model, save_tiny_model, tiny_llama_config

@@ -31,7 +31,7 @@ def store_startup_adapters(registry: AdapterRegistry, adapters: dict[str, Path],
     """``--adapter NAME=PATH``: stored as a new version unless the latest version already has these bytes."""
     for adapter_id, path in adapters.items():
         parsed = read_path(path, registry.module_shapes, max_bytes)
-        latest = registry.store.index.get(adapter_id)
+        latest = registry.latest(adapter_id)
         if (
             latest is not None
             and not latest.broken

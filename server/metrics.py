@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
@@ -17,10 +17,6 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from server.engine.engine import Engine
-    from server.finetune.jobs import JobManager
 
 NAMESPACE = "spectra"
 # ``_created`` timestamps double the series count and no dashboard here reads them.
@@ -140,34 +136,53 @@ class AdapterLabels:
 ADAPTER_LABELS = AdapterLabels(limit=100)
 
 
+class ServingState(Protocol):
+    """What the serving gauges read at each scrape (the engine provides it; metrics never import it)."""
+
+    @property
+    def queue_length(self) -> int: ...
+
+    @property
+    def running_count(self) -> int: ...
+
+    def gauges(self) -> dict[str, int]:
+        """``adapters_registered``, ``adapters_resident``, ``adapter_bank_bytes``, ``kv_cache_bytes``."""
+        ...
+
+
+class JobState(Protocol):
+    def status_counts(self) -> dict[str, int]: ...
+
+
+STATE_GAUGES = {
+    "adapters_registered": "Adapter ids in the store.",
+    "adapters_resident": "Adapter versions loaded in the bank.",
+    "adapter_bank_bytes": "Bytes of the adapter bank's device tables.",
+    "kv_cache_bytes": "Bytes of the preallocated KV cache.",
+}
+
+
 class ServerStateCollector(Collector):
-    """Gauges read from the engine, registry and job manager at each scrape."""
+    """Gauges read from the serving state and the job manager at each scrape."""
 
     def __init__(self) -> None:
-        self.engine: Engine | None = None
-        self.jobs: JobManager | None = None
+        self.serving: ServingState | None = None
+        self.jobs: JobState | None = None
 
-    def bind(self, engine: Engine, jobs: JobManager) -> None:
-        self.engine, self.jobs = engine, jobs
+    def bind(self, serving: ServingState, jobs: JobState) -> None:
+        self.serving, self.jobs = serving, jobs
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        engine, jobs = self.engine, self.jobs
-        if engine is None or jobs is None:
+        serving, jobs = self.serving, self.jobs
+        if serving is None or jobs is None:
             return
-        yield GaugeMetricFamily(f"{NAMESPACE}_queue_length", "Requests waiting for a batch row.", engine.queue_length)
+        yield GaugeMetricFamily(f"{NAMESPACE}_queue_length", "Requests waiting for a batch row.", serving.queue_length)
         yield GaugeMetricFamily(
-            f"{NAMESPACE}_requests_running", "Requests prefilling or decoding.", engine.running_count
+            f"{NAMESPACE}_requests_running", "Requests prefilling or decoding.", serving.running_count
         )
-        registry = engine.registry
-        yield GaugeMetricFamily(f"{NAMESPACE}_adapters_registered", "Adapter ids in the store.", registry.count())
-        yield GaugeMetricFamily(
-            f"{NAMESPACE}_adapters_resident", "Adapter versions loaded in the bank.", registry.resident_count()
-        )
-        yield GaugeMetricFamily(
-            f"{NAMESPACE}_adapter_bank_bytes",
-            "Bytes of the adapter bank's device tables.",
-            engine.runner.bank.memory_bytes(),
-        )
+        values = serving.gauges()
+        for name, description in STATE_GAUGES.items():
+            yield GaugeMetricFamily(f"{NAMESPACE}_{name}", description, values[name])
         by_status = jobs.status_counts()
         family = GaugeMetricFamily(f"{NAMESPACE}_finetune_jobs", "Fine-tuning jobs by status.", labels=["status"])
         for status in JOB_STATUSES:

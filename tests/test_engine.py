@@ -56,14 +56,14 @@ def test_greedy_batch_of_32_adapters_equals_each_request_alone(engine: Engine) -
 def test_long_prompt_prefilled_in_chunks_equals_one_prefill(engine: Engine) -> None:
     async def run() -> None:
         prompt = engine.tokenizer.encode("spectral " * 20)
-        assert len(prompt) > engine.settings.prefill_token_budget
+        budget = engine.scheduler.prefill_token_budget
+        assert len(prompt) > budget
         chunked = await _tokens(engine, GenerationRequest(prompt, SamplingParams(max_new_tokens=8), {"a3": 1.0}))
-        chunked_settings = engine.settings
-        engine.settings = chunked_settings.model_copy(update={"prefill_token_budget": 4096})
+        engine.scheduler.prefill_token_budget = 4096
         try:
             whole = await _tokens(engine, GenerationRequest(prompt, SamplingParams(max_new_tokens=8), {"a3": 1.0}))
         finally:
-            engine.settings = chunked_settings
+            engine.scheduler.prefill_token_budget = budget
         assert chunked == whole
 
     asyncio.run(run())

@@ -51,6 +51,7 @@ EXPECTED_TYPES = {
     "spectra_adapters_registered": "gauge",
     "spectra_adapters_resident": "gauge",
     "spectra_adapter_bank_bytes": "gauge",
+    "spectra_kv_cache_bytes": "gauge",
     "spectra_finetune_jobs": "gauge",
     "process_resident_memory_bytes": "gauge",
     "python_gc_collections": "counter",
@@ -144,6 +145,7 @@ def test_values_follow_the_traffic(metrics_server: Server) -> None:
     assert delta("spectra_batch_size", "spectra_batch_size_count") >= 6 * 3
     assert value(after, "spectra_adapters_resident") >= 1
     assert value(after, "spectra_adapter_bank_bytes") > 0
+    assert value(after, "spectra_kv_cache_bytes") > 0
     assert value(after, "spectra_adapter_loads") >= 1
     assert value(after, "spectra_adapter_load_seconds", "spectra_adapter_load_seconds_count") >= 1
 

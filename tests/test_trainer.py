@@ -308,7 +308,7 @@ def test_training_steps_interleave_with_serving_and_never_starve_it(tiny_llama_d
     def train() -> None:
         def work() -> None:
             started = time.monotonic()
-            running = [len(sequence.generated) for sequence in engine._running]
+            running = [len(sequence.generated) for sequence in engine.scheduler.running]
             time.sleep(step_seconds)
             steps.append((started, time.monotonic(), running[0] if running else None))
 

@@ -60,6 +60,7 @@ def create_app(
     keys = keys if keys is not None else key_ring(settings)
     app.state.engine = engine
     app.state.settings = settings
+    app.state.adapter_index = engine.registry.store.index
     app.state.files = files
     app.state.jobs = jobs
     # /v1/models needs a "created" time; the adapters' own times are not tracked, so the server start stands in.

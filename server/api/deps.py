@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from adapters_store.files import FileStore
+from adapters_store.index import AdapterIndex
 from server.api.auth import ANONYMOUS, Principal, Scope
 from server.engine.engine import Engine
 from server.engine.types import EngineError
@@ -28,6 +29,11 @@ def get_settings(request: Request) -> ServerSettings:
     return request.app.state.settings
 
 
+def get_adapter_index(request: Request) -> AdapterIndex:
+    """The adapter catalogue that routes resolve and check visibility against."""
+    return request.app.state.adapter_index
+
+
 def get_files(request: Request) -> FileStore:
     return request.app.state.files
 
@@ -43,6 +49,7 @@ def get_principal(request: Request) -> Principal:
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
+AdapterIndexDep = Annotated[AdapterIndex, Depends(get_adapter_index)]
 FilesDep = Annotated[FileStore, Depends(get_files)]
 JobsDep = Annotated[JobManager, Depends(get_jobs)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -23,7 +23,8 @@ from starlette.types import Receive, Scope, Send
 from server.api.errors import error_body, error_response
 from server.api.request_id import current_request_id
 from server.api.schemas.common import MAX_SEED
-from server.engine.engine import Engine, RequestHandle
+from server.engine.engine import Engine
+from server.engine.handle import RequestHandle
 from server.engine.types import EngineError, FinishEvent, GenerationRequest, SamplingParams
 from server.settings import ServerSettings
 

@@ -132,6 +132,15 @@ class AdapterRegistry:
         """Every servable id (its latest version is not broken) that namespace ``visible_to`` may see, in id order."""
         return self.store.index.latest_ids(visible_to=visible_to)
 
+    def latest(self, adapter_id: str) -> AdapterRecord | None:
+        return self.store.index.get(adapter_id)
+
+    def versions(self, adapter_id: str) -> list[AdapterRecord]:
+        return self.store.index.versions(adapter_id)
+
+    def has_version(self, adapter_id: str, version: int) -> bool:
+        return self.store.index.get(adapter_id, version) is not None
+
     def count(self) -> int:
         return self.store.index.count_ids()
 

@@ -55,6 +55,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_logprobs: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -73,10 +74,14 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenEvent:
+    """One generated token; ``top_logprobs`` holds the ``SamplingParams.top_logprobs`` most likely
+    ``(token_id, logprob)`` alternatives at its position, most likely first."""
+
     token_id: int
     text: str
     logprob: float
     special: bool
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -467,7 +467,7 @@ class JobManager:
             self._delete_checkpoint(job, old)
 
     def _delete_checkpoint(self, job: JobRecord, checkpoint: CheckpointRecord) -> None:
-        if self.engine.registry.store.index.get(job.adapter_id, checkpoint.adapter_version) is not None:
+        if self.engine.registry.has_version(job.adapter_id, checkpoint.adapter_version):
             self.engine.registry.delete(f"{job.adapter_id}@{checkpoint.adapter_version}")
         if checkpoint.state_path:
             Path(checkpoint.state_path).unlink(missing_ok=True)
@@ -517,7 +517,7 @@ class JobManager:
             self._delete_checkpoint(job, checkpoint)
         # A crash between storing a version and recording its checkpoint leaves a version only its metadata names.
         registry = self.engine.registry
-        for record in registry.store.index.versions(job.adapter_id):
+        for record in registry.versions(job.adapter_id):
             if record.metadata.get("fine_tuning_job") == job_id:
                 registry.delete(f"{record.adapter_id}@{record.version}")
         self._remove_state_files(job_id)

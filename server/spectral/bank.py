@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -28,7 +28,7 @@ import torch
 
 from server.spectral.adapter import Method, SpectralAdapter
 from server.spectral.entries import SpectralEntries, compile_entries
-from server.spectral.routing import Routing, TrainableSpectrum, build_routing
+from server.spectral.routing import Routing, TrainableSpectrum, build_routing, build_row_routing
 
 NO_ADAPTER = 0
 
@@ -234,10 +234,24 @@ class AdapterBank:
         ``slots`` is ``[tokens]`` or ``[tokens, K]`` for K-way blends with ``weights`` of the
         same shape; any leading shape flattens to the token order of the layer inputs.
         """
-        with self.lock:
-            routing = build_routing(slots, weights, self.method_of, trainable, self.device)
-            self._routing = routing
-            try:
-                yield routing
-            finally:
-                self._routing = None
+        with self.lock, self._routed(build_routing(slots, weights, self.method_of, trainable, self.device)) as routing:
+            yield routing
+
+    @contextmanager
+    def route_rows(
+        self, row_slots: Sequence[Sequence[int]], row_weights: Sequence[Sequence[float]], tokens_per_row: int
+    ) -> Iterator[Routing]:
+        """:meth:`route` for the serving engine: per-row slots and weights as host lists (no device sync)."""
+        with (
+            self.lock,
+            self._routed(build_row_routing(row_slots, row_weights, tokens_per_row, self.method_of, self.device)) as r,
+        ):
+            yield r
+
+    @contextmanager
+    def _routed(self, routing: Routing) -> Iterator[Routing]:
+        self._routing = routing
+        try:
+            yield routing
+        finally:
+            self._routing = None

@@ -1,12 +1,15 @@
 """Per-forward routing state: which adapter slot (or blend of slots) each token uses.
 
 Built once per model forward by :meth:`AdapterBank.route` and read by every routed layer,
-so the per-layer work is only table gathers, never Python over adapters.
+so the per-layer work is only table gathers, never Python over adapters. The serving engine
+builds it from the rows' slots it already holds in Python (:func:`build_row_routing`), so a
+forward never waits for the device to answer a question about its own inputs; tensors of
+slots (tests, fine-tuning) go through :func:`build_routing`, which asks the device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -94,4 +97,42 @@ def build_routing(
         needs_fourier="fourierft" in methods,
         needs_dct="sdctft" in methods,
         trainable=trainable,
+    )
+
+
+def build_row_routing(
+    row_slots: Sequence[Sequence[int]],
+    row_weights: Sequence[Sequence[float]],
+    tokens_per_row: int,
+    method_of: Callable[[int], str | None],
+    device: torch.device,
+) -> Routing:
+    """Routing for rows of ``tokens_per_row`` tokens, row ``i`` using ``row_slots[i]`` blended by ``row_weights[i]``.
+
+    Everything that decides the layers' code path (slots present, methods, which rows carry an
+    adapter) is computed here on the host; the tensors are only copied to the device, so no
+    device->host synchronisation happens in the forward.
+    """
+    width = max((len(slots) for slots in row_slots), default=1) or 1
+    slots = [list(row) + [0] * (width - len(row)) for row in row_slots]
+    weights = [list(row) + [0.0] * (width - len(row)) for row in row_weights]
+    plain = width == 1 and all(w[0] == 1.0 or s[0] == 0 for s, w in zip(slots, weights, strict=True))
+    unique_slot_list = sorted({slot for row in slots for slot in row})
+    position = {slot: index for index, slot in enumerate(unique_slot_list)}
+    with_adapter = [index for index, row in enumerate(slots) if any(slot != 0 for slot in row)]
+    methods = {method_of(slot) for slot in unique_slot_list}
+    return Routing(
+        unique_slots=torch.tensor(unique_slot_list, dtype=torch.long).to(device, non_blocking=True),
+        unique_slot_list=unique_slot_list,
+        inverse=torch.tensor([[position[slot] for slot in row] for row in slots], dtype=torch.long).to(
+            device, non_blocking=True
+        ),
+        weights=None if plain else torch.tensor(weights, dtype=torch.float32).to(device, non_blocking=True),
+        tokens_per_row=tokens_per_row,
+        adapter_rows=None
+        if len(with_adapter) == len(slots)
+        else torch.tensor(with_adapter, dtype=torch.long).to(device, non_blocking=True),
+        needs_fourier="fourierft" in methods,
+        needs_dct="sdctft" in methods,
+        trainable=None,
     )

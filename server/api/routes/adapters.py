@@ -17,7 +17,7 @@ from adapters_store import native
 from adapters_store.errors import AdapterFormatError, AdapterTooLargeError
 from adapters_store.index import AdapterRecord
 from adapters_store.uploads import ParsedAdapter, base_name, parse_files, peft_zip
-from server.api.deps import EngineDep, PrincipalDep, SettingsDep, requires
+from server.api.deps import AdapterIndexDep, EngineDep, PrincipalDep, SettingsDep, requires
 from server.api.schemas.adapters import AdapterDeleted, AdapterDetail, AdapterList, AdapterObject
 from server.api.schemas.common import ErrorResponse
 from server.api.tenancy import owned_adapter_ref, visible_adapter, writable_adapter_id
@@ -114,12 +114,13 @@ async def upload_adapter(
 async def list_adapters(
     engine: EngineDep,
     principal: PrincipalDep,
+    index: AdapterIndexDep,
     prefix: Annotated[str, Query(max_length=130, description="Only ids starting with this.")] = "",
     after: Annotated[str, Query(max_length=130, description="The last_id of the previous page.")] = "",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AdapterList:
     records = await run_in_threadpool(
-        engine.registry.store.index.list_latest,
+        index.list_latest,
         prefix=prefix,
         after=after,
         limit=limit + 1,
@@ -148,11 +149,12 @@ async def list_adapters(
 async def download_adapter(
     engine: EngineDep,
     principal: PrincipalDep,
+    index: AdapterIndexDep,
     adapter_ref: str,
     format: Annotated[Literal["native", "peft"], Query(description="native .safetensors or a PEFT zip")] = "native",
 ) -> Response:
     registry = engine.registry
-    record = await run_in_threadpool(visible_adapter, principal, registry.store.index, adapter_ref)
+    record = await run_in_threadpool(visible_adapter, principal, index, adapter_ref)
     data = await run_in_threadpool(registry.read_bytes, record)
     stem = f"{record.adapter_id.replace('/', '--')}-v{record.version}"
     if format == "native":
@@ -165,19 +167,20 @@ async def download_adapter(
 
 
 @router.get("/{adapter_ref:path}", response_model=AdapterDetail, responses=_ERRORS)
-async def show_adapter(engine: EngineDep, principal: PrincipalDep, adapter_ref: str) -> AdapterDetail:
-    registry = engine.registry
-    record = await run_in_threadpool(visible_adapter, principal, registry.store.index, adapter_ref)
-    versions = [AdapterObject.of(version) for version in registry.store.index.versions(record.adapter_id)]
+async def show_adapter(principal: PrincipalDep, index: AdapterIndexDep, adapter_ref: str) -> AdapterDetail:
+    record = await run_in_threadpool(visible_adapter, principal, index, adapter_ref)
+    versions = [AdapterObject.of(version) for version in index.versions(record.adapter_id)]
     return AdapterDetail(**AdapterObject.of(record).model_dump(), versions=versions)
 
 
 @router.delete(
     "/{adapter_ref:path}", response_model=AdapterDeleted, responses=_ERRORS, dependencies=requires("adapters:write")
 )
-async def delete_adapter(engine: EngineDep, principal: PrincipalDep, adapter_ref: str) -> AdapterDeleted:
+async def delete_adapter(
+    engine: EngineDep, principal: PrincipalDep, index: AdapterIndexDep, adapter_ref: str
+) -> AdapterDeleted:
     registry = engine.registry
-    ref = await run_in_threadpool(owned_adapter_ref, principal, registry.store.index, adapter_ref)
+    ref = await run_in_threadpool(owned_adapter_ref, principal, index, adapter_ref)
     deleted = await run_in_threadpool(registry.delete, ref)
     if not deleted:
         raise UnknownAdapterError(f"adapter {adapter_ref!r} not found", param="adapter_id")

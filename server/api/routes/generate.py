@@ -13,8 +13,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from adapters_store.index import AdapterIndex
 from server.api.auth import Principal
-from server.api.deps import EngineDep, PrincipalDep
+from server.api.deps import AdapterIndexDep, EngineDep, PrincipalDep
 from server.api.generation import (
     check_finished,
     client_closed_response,
@@ -36,7 +37,8 @@ from server.api.schemas.tgi import (
     Token,
 )
 from server.api.tenancy import resolve_blend
-from server.engine.engine import Engine, RequestHandle
+from server.engine.engine import Engine
+from server.engine.handle import RequestHandle
 from server.engine.types import FinishEvent, SamplingParams, TokenEvent
 
 router = APIRouter(tags=["TGI / LoRAX"], responses=ERROR_RESPONSES)
@@ -66,7 +68,7 @@ def _sampling(parameters: GenerateParameters, engine: Engine, prompt_tokens: int
     )
 
 
-async def _submit(body: GenerateRequest, engine: Engine, principal: Principal) -> RequestHandle:
+async def _submit(body: GenerateRequest, engine: Engine, index: AdapterIndex, principal: Principal) -> RequestHandle:
     parameters = body.parameters
     prompt_ids = await encode(engine, body.inputs)
     param_names = {
@@ -75,9 +77,7 @@ async def _submit(body: GenerateRequest, engine: Engine, principal: Principal) -
         "stop": "parameters.stop",
         "adapter_id": "parameters.adapters" if parameters.adapters is not None else "parameters.adapter_id",
     }
-    adapters = resolve_blend(
-        principal, engine.registry.store.index, _adapters(parameters), param=param_names["adapter_id"]
-    )
+    adapters = resolve_blend(principal, index, _adapters(parameters), param=param_names["adapter_id"])
     return submit(engine, prompt_ids, _sampling(parameters, engine, len(prompt_ids)), adapters, param_names)
 
 
@@ -126,9 +126,9 @@ async def _stream_events(body: GenerateRequest, handle: RequestHandle) -> AsyncI
 
 @router.post("/generate", response_model=GenerateResponse)
 async def generate(
-    body: GenerateRequest, request: Request, engine: EngineDep, principal: PrincipalDep
+    body: GenerateRequest, request: Request, engine: EngineDep, index: AdapterIndexDep, principal: PrincipalDep
 ) -> GenerateResponse | JSONResponse:
-    handle = await _submit(body, engine, principal)
+    handle = await _submit(body, engine, index, principal)
     finish = await wait_for_result(handle, request)
     if finish is None:
         return client_closed_response()
@@ -140,9 +140,11 @@ async def generate(
     response_class=EventSourceResponse,
     responses=stream_responses("SSE: one `data: StreamResponse` event per generated token."),
 )
-async def generate_stream(body: GenerateRequest, engine: EngineDep, principal: PrincipalDep) -> EventSourceResponse:
+async def generate_stream(
+    body: GenerateRequest, engine: EngineDep, index: AdapterIndexDep, principal: PrincipalDep
+) -> EventSourceResponse:
     # Submitting before the response starts makes a bad request an ordinary JSON error, not a stream event.
-    handle = await _submit(body, engine, principal)
+    handle = await _submit(body, engine, index, principal)
     return sse_response(handle, _stream_events(body, handle))
 
 
@@ -153,8 +155,8 @@ async def generate_stream(body: GenerateRequest, engine: EngineDep, principal: P
     responses=stream_responses("JSON; with `stream: true`, the SSE events of /generate_stream."),
 )
 async def compat_generate(
-    body: GenerateRequest, request: Request, engine: EngineDep, principal: PrincipalDep
+    body: GenerateRequest, request: Request, engine: EngineDep, index: AdapterIndexDep, principal: PrincipalDep
 ) -> GenerateResponse | JSONResponse | EventSourceResponse:
     if body.stream:
-        return await generate_stream(body, engine, principal)
-    return await generate(body, request, engine, principal)
+        return await generate_stream(body, engine, index, principal)
+    return await generate(body, request, engine, index, principal)

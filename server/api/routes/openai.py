@@ -16,8 +16,9 @@ from jinja2 import TemplateError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from adapters_store.index import AdapterIndex
 from server.api.auth import Principal
-from server.api.deps import EngineDep, PrincipalDep
+from server.api.deps import AdapterIndexDep, EngineDep, PrincipalDep
 from server.api.generation import (
     check_finished,
     client_closed_response,
@@ -49,7 +50,8 @@ from server.api.schemas.openai import (
     Usage,
 )
 from server.api.tenancy import resolve_blend
-from server.engine.engine import Engine, RequestHandle
+from server.engine.engine import Engine
+from server.engine.handle import RequestHandle
 from server.engine.types import FinishEvent, FinishReason, InvalidRequestError, TokenEvent, UnknownAdapterError
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"], responses=ERROR_RESPONSES)
@@ -142,6 +144,7 @@ def _adapters(engine: Engine, body: CompletionRequest | ChatCompletionRequest) -
 
 def _submit(
     engine: Engine,
+    index: AdapterIndex,
     principal: Principal,
     body: CompletionRequest | ChatCompletionRequest,
     prompt_ids: list[int],
@@ -161,7 +164,7 @@ def _submit(
         stop=body.stop_list(),
     )
     try:
-        adapters = resolve_blend(principal, engine.registry.store.index, adapters, param=adapter_field)
+        adapters = resolve_blend(principal, index, adapters, param=adapter_field)
         return submit(engine, prompt_ids, params, adapters, {**names, "adapter_id": adapter_field})
     except UnknownAdapterError as exc:
         if adapter_field != "model":
@@ -222,11 +225,11 @@ async def _completion_chunks(body: CompletionRequest, handle: RequestHandle, cre
     responses=stream_responses("JSON; with `stream: true`, SSE: `data: Completion` chunks, then `data: [DONE]`."),
 )
 async def completions(
-    body: CompletionRequest, request: Request, engine: EngineDep, principal: PrincipalDep
+    body: CompletionRequest, request: Request, engine: EngineDep, index: AdapterIndexDep, principal: PrincipalDep
 ) -> Completion | JSONResponse | EventSourceResponse:
     prompt_ids = await encode(engine, body.prompt_text())
     names = {"inputs": "prompt", "max_new_tokens": "max_tokens"}
-    handle = _submit(engine, principal, body, prompt_ids, body.max_tokens, names)
+    handle = _submit(engine, index, principal, body, prompt_ids, body.max_tokens, names)
     created = int(time.time())
     if body.stream:
         return sse_response(handle, _completion_chunks(body, handle, created))
@@ -309,12 +312,12 @@ async def _chat_chunks(body: ChatCompletionRequest, handle: RequestHandle, creat
     ),
 )
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, engine: EngineDep, principal: PrincipalDep
+    body: ChatCompletionRequest, request: Request, engine: EngineDep, index: AdapterIndexDep, principal: PrincipalDep
 ) -> ChatCompletion | JSONResponse | EventSourceResponse:
     prompt_ids = await _chat_prompt(engine, body)
     limit_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     names = {"inputs": "messages", "max_new_tokens": limit_field}
-    handle = _submit(engine, principal, body, prompt_ids, body.max_new_tokens(), names)
+    handle = _submit(engine, index, principal, body, prompt_ids, body.max_new_tokens(), names)
     created = int(time.time())
     if body.stream:
         return sse_response(handle, _chat_chunks(body, handle, created))

@@ -15,7 +15,7 @@ from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store.uploads import read_path
-from server.api.deps import EngineDep, PrincipalDep, SettingsDep
+from server.api.deps import AdapterIndexDep, EngineDep, PrincipalDep, SettingsDep
 from server.api.errors import error_response
 from server.api.schemas.adapters import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from server.api.schemas.common import ErrorResponse
@@ -69,14 +69,12 @@ async def load_lora_adapter(
 
 @router.post("/unload_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
 async def unload_lora_adapter(
-    body: UnloadLoraAdapterRequest, engine: EngineDep, principal: PrincipalDep
+    body: UnloadLoraAdapterRequest, engine: EngineDep, principal: PrincipalDep, index: AdapterIndexDep
 ) -> PlainTextResponse:
     registry = engine.registry
     not_found = UnknownAdapterError(f"the adapter {body.lora_name!r} cannot be found", param="lora_name")
     try:
-        ref = await run_in_threadpool(
-            owned_adapter_ref, principal, registry.store.index, body.lora_name, param="lora_name"
-        )
+        ref = await run_in_threadpool(owned_adapter_ref, principal, index, body.lora_name, param="lora_name")
     except UnknownAdapterError as error:
         raise not_found from error
     if not await run_in_threadpool(registry.delete, ref):
