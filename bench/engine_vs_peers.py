@@ -104,7 +104,7 @@ def run_http(base_url: str, batch: list[list[int]], new_tokens: int) -> tuple[fl
 def run_engine(engine: Engine, batch: list[list[int]], new_tokens: int) -> tuple[float, int]:
     async def burst() -> int:
         handles = [engine.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=new_tokens))) for ids in batch]
-        return sum((await handle.result()).generated_tokens for handle in handles)
+        return sum([(await handle.result()).generated_tokens for handle in handles])
 
     start = time.perf_counter()
     generated = asyncio.run(burst())
@@ -187,7 +187,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         for new_tokens in args.new_tokens:
             measure("generate", lambda n: run_generate(model, batch, n), new_tokens)
-        paged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa_paged")
+        paged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
         for new_tokens in args.new_tokens:
             measure("generate_batch", lambda n: run_generate_batch(paged.eval(), batch, n), new_tokens)
 

@@ -71,11 +71,25 @@ def running_rows(engine: Engine, adapters: list[dict[str, float]]) -> list[Seque
 MIXED = [{"f": 1.0}, {}, {"d": 1.0}, {"f": 0.5, "d": 0.5}]
 
 
-def test_a_decode_step_with_mixed_adapters_makes_no_host_sync(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("bucketed", [False, True], ids=["exact", "bucketed"])
+def test_a_decode_step_with_mixed_adapters_makes_no_host_sync(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, bucketed: bool
+) -> None:
     sequences = running_rows(engine, MIXED)
     with host_syncs_forbidden(monkeypatch):
-        logits = engine.runner.decode(sequences)
+        logits = engine.runner.decode(sequences, bucketed=bucketed)
     assert logits.shape == (4, engine.runner.model.config.vocab_size) and bool(torch.isfinite(logits).all())
+
+
+def test_the_static_shape_step_that_cuda_graphs_capture_equals_the_exact_step(engine: Engine) -> None:
+    """Rows padded to a power of two, KV length to a bucket, routing without de-duplication: same logits."""
+    sequences = running_rows(engine, MIXED[:3])
+    inputs = engine.runner._decode_inputs(sequences, bucketed=True)
+    assert inputs.kv_columns.shape == (4,) and inputs.kv_length % 256 == 0 and inputs.routing.every_layer
+    exact = engine.runner.decode(sequences, bucketed=False)
+    bucketed = engine.runner.decode(sequences, bucketed=True)
+    assert torch.allclose(bucketed, exact, atol=1e-5)
+    assert exact.argmax(-1).tolist() == bucketed.argmax(-1).tolist()
 
 
 def test_decode_writes_one_position_per_row_in_place(engine: Engine) -> None:

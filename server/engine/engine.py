@@ -35,7 +35,7 @@ import torch
 from server import metrics
 from server.engine.adapters import AdapterLease, AdapterRegistry
 from server.engine.detokenizer import IncrementalDetokenizer, SpecialTokens
-from server.engine.handle import RequestHandle
+from server.engine.handle import RequestHandle, deliver
 from server.engine.model_runner import ModelRunner
 from server.engine.sampler import SampledTokens, SamplingBatch, sample
 from server.engine.scheduler import Scheduler, StepPlan
@@ -273,15 +273,16 @@ class Engine:
         tokens, logprobs = chosen.tokens.tolist(), chosen.logprobs.tolist()
         alternatives = self._alternatives(chosen)
         metrics.GENERATION_TOKENS.inc(len(sequences))
+        outbox: list[tuple[RequestHandle, TokenEvent | FinishEvent]] = []
         for row, sequence in enumerate(sequences):
-            top = alternatives[row] if alternatives else ()
-            reason = self._append_token(
-                sequence, tokens[row], logprobs[row], top[: sequence.request.params.top_logprobs]
-            )
+            top = alternatives[row][: sequence.request.params.top_logprobs] if alternatives else ()
+            event, reason = self._append_token(sequence, tokens[row], logprobs[row], top)
+            outbox.append((sequence.handle, event))
             if reason is not None:
                 with self._wakeup:
                     self.scheduler.finish(sequence)
-                self._finish(sequence, reason)
+                outbox.append((sequence.handle, self._finished(sequence, reason)))
+        deliver(outbox)
 
     def _sampling_batch(self, sequences: list[Sequence]) -> SamplingBatch:
         params = [sequence.request.params for sequence in sequences]
@@ -304,7 +305,7 @@ class Engine:
 
     def _append_token(
         self, sequence: Sequence, token: int, logprob: float, top: tuple[tuple[int, float], ...]
-    ) -> FinishReason | None:
+    ) -> tuple[TokenEvent, FinishReason | None]:
         sequence.generated.append(token)
         if sequence.first_token_at is None:
             sequence.first_token_at = time.monotonic()
@@ -316,18 +317,17 @@ class Engine:
             sequence.text += text
         event = TokenEvent(token, text, logprob, special, top)
         sequence.tokens.append(event)
-        sequence.handle.push(event)
         params = sequence.request.params
         if token in self.runner.eos_token_ids:
-            return "eos_token"
+            return event, "eos_token"
         for stop in params.stop:
             position = sequence.text.find(stop, max(0, previous_length - len(stop) + 1))
             if position >= 0:
                 sequence.text = sequence.text[: position + len(stop)]
-                return "stop_sequence"
+                return event, "stop_sequence"
         if len(sequence.generated) >= params.max_new_tokens:
-            return "length"
-        return None
+            return event, "length"
+        return event, None
 
     def _finish_cancelled(self) -> None:
         """Finish every cancelled request, wherever it is (caller holds ``_wakeup``)."""
@@ -343,6 +343,10 @@ class Engine:
             self._training.run(task)
 
     def _finish(self, sequence: Sequence, reason: FinishReason) -> None:
+        sequence.handle.push(self._finished(sequence, reason))
+
+    def _finished(self, sequence: Sequence, reason: FinishReason) -> FinishEvent:
+        """Record the end of ``sequence`` (metrics, final text, leases released) and return its event."""
         now = time.monotonic()
         metrics.REQUESTS_FINISHED.labels(reason).inc()
         metrics.E2E_LATENCY.observe(now - sequence.submitted_at)
@@ -353,10 +357,8 @@ class Engine:
         for lease, _ in sequence.leases:
             lease.release()
         sequence.leases = []
-        sequence.handle.push(
-            FinishEvent(
-                reason, sequence.text, sequence.prompt_length, tuple(sequence.tokens), sequence.request.params.seed
-            )
+        return FinishEvent(
+            reason, sequence.text, sequence.prompt_length, tuple(sequence.tokens), sequence.request.params.seed
         )
 
     def _fail_all(self, *, waiting: bool = False) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import defaultdict
 from collections.abc import AsyncIterator
 
 from server.engine.types import FinishEvent, TokenEvent
@@ -39,3 +40,25 @@ class RequestHandle:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+
+def deliver(events: list[tuple[RequestHandle, TokenEvent | FinishEvent]]) -> None:
+    """Hand one step's events to their handles, in order, with one wake-up per event loop.
+
+    A wake-up writes to the loop's self-pipe; one per token was a measurable share of a decode
+    step at 32 rows.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, TokenEvent | FinishEvent]]] = defaultdict(list)
+    for handle, event in events:
+        by_loop[handle._loop].append((handle, event))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:
+            for handle, _ in batch:
+                handle.cancelled.set()
+
+
+def _put_all(batch: list[tuple[RequestHandle, TokenEvent | FinishEvent]]) -> None:
+    for handle, event in batch:
+        handle._queue.put_nowait(event)

@@ -6,8 +6,16 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
+from server.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from server.engine.kv_cache import (
     ATTENTION_IMPLEMENTATION,
     DecodeLayout,
@@ -20,10 +28,26 @@ from server.engine.scheduler import PrefillSegment
 from server.engine.sequence import Sequence
 from server.spectral.bank import AdapterBank
 from server.spectral.model import attach_routed_layers
+from server.spectral.routing import build_row_routing
 
 logger = logging.getLogger(__name__)
 
+KV_LENGTH_BUCKET = 256
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _eos_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids: set[int] = set()
+    try:
+        generation = GenerationConfig.from_pretrained(model_path)
+        eos = generation.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        logger.info("no generation_config.json in %s; stopping on the tokenizer's eos only", model_path)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
 
 
 def resolve_device(device: str) -> torch.device:
@@ -48,21 +72,45 @@ class ModelRunner:
     """
 
     def __init__(self, model_path: str | Path, *, dtype: str = "auto", device: str = "auto"):
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.model_path = str(model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.model_path, dtype=self.dtype, attn_implementation=ATTENTION_IMPLEMENTATION
-        )
-        self.model = self.model.to(self.device).eval()
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch_dtype, attn_implementation=ATTENTION_IMPLEMENTATION
+        ).to(torch_device)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self._setup(model, tokenizer, str(model_path), _eos_token_ids(str(model_path), tokenizer))
+
+    @classmethod
+    def from_config(
+        cls, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, *, dtype: str, device: str
+    ) -> ModelRunner:
+        """Random weights built on the device from ``config``: real shapes without a download (benchmarks)."""
+        runner = cls.__new__(cls)
+        torch_device = resolve_device(device)
+        with torch_device:
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=resolve_dtype(dtype, torch_device), attn_implementation=ATTENTION_IMPLEMENTATION
+            )
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        runner._setup(model, tokenizer, f"random:{config.model_type}", eos)
+        return runner
+
+    def _setup(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_path: str, eos_token_ids: set[int]
+    ) -> None:
+        self.model = model.eval()
         self.model.requires_grad_(False)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.model_path = model_path
+        self.tokenizer = tokenizer
         self.bank = AdapterBank(self.device)
         self.module_shapes = attach_routed_layers(self.model, self.bank)
         self.architecture = (getattr(self.model.config, "architectures", None) or [type(self.model).__name__])[0]
-        self.eos_token_ids = self._eos_token_ids()
-        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.eos_token_ids = eos_token_ids
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.kv_cache: KVCache | None = None
+        self.decode_graphs: DecodeGraphs | None = None
         logger.info(
             "model loaded path=%s architecture=%s dtype=%s device=%s routed_layers=%d",
             self.model_path,
@@ -72,20 +120,9 @@ class ModelRunner:
             len(self.module_shapes),
         )
 
-    def _eos_token_ids(self) -> set[int]:
-        ids: set[int] = set()
-        try:
-            generation = GenerationConfig.from_pretrained(self.model_path)
-            eos = generation.eos_token_id
-            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        except OSError:
-            logger.info("no generation_config.json in %s; stopping on the tokenizer's eos only", self.model_path)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
-
-    def allocate_kv_cache(self, rows: int, capacity: int) -> None:
-        """Preallocate ``rows`` KV rows (plus the staging row) of ``capacity`` positions each."""
+    def allocate_kv_cache(self, rows: int, capacity: int, *, cuda_graphs: bool = True) -> None:
+        """Preallocate ``rows`` KV rows (plus the staging row) of ``capacity`` positions each; on a CUDA
+        device, decode steps then run as CUDA graphs unless ``cuda_graphs`` is false."""
         window = getattr(self.model.config, "sliding_window", None)
         if window and getattr(self.model.config, "use_sliding_window", True) and window < capacity:
             raise ValueError(
@@ -102,7 +139,15 @@ class ModelRunner:
             [[]],
             1,
         )
-        logger.info("kv cache allocated rows=%d capacity=%d bytes=%d", rows, capacity, self.kv_cache.bytes)
+        if cuda_graphs and self.device.type == "cuda":
+            self.decode_graphs = DecodeGraphs(self)
+        logger.info(
+            "kv cache allocated rows=%d capacity=%d bytes=%d cuda_graphs=%s",
+            rows,
+            capacity,
+            self.kv_cache.bytes,
+            self.decode_graphs is not None,
+        )
 
     @torch.inference_mode()
     def move_rows(self, moves: list[RowMove]) -> None:
@@ -139,29 +184,72 @@ class ModelRunner:
             logits_to_keep=last,
         )
 
-    def decode(self, sequences: list[Sequence]) -> torch.Tensor:
-        """One token for each running row (rows ``0 .. B-1``); fp32 logits ``[B, vocab]``."""
-        positions_list = [sequence.cached_tokens for sequence in sequences]
-        kv_length = max(positions_list) + 1
-        positions = torch.tensor(positions_list, dtype=torch.long).to(self.device, non_blocking=True)
-        input_ids = torch.tensor([[s.last_token] for s in sequences], dtype=torch.long).to(
-            self.device, non_blocking=True
-        )
-        columns = torch.arange(kv_length, device=self.device)
-        layout = DecodeLayout(
-            positions=positions,
-            row_index=torch.arange(len(sequences), device=self.device),
-            visible=(columns[None, :] <= positions[:, None])[:, None, None, :],
+    def decode(self, sequences: list[Sequence], *, bucketed: bool | None = None) -> torch.Tensor:
+        """One token for each running row (rows ``0 .. B-1``); fp32 logits ``[B, vocab]``.
+
+        With CUDA graphs (or ``bucketed``) the step runs at its bucket's static shapes: rows padded
+        to a power of two, KV length to a multiple of 256, routing without de-duplication.
+        """
+        bucketed = self.decode_graphs is not None if bucketed is None else bucketed
+        inputs = self._decode_inputs(sequences, bucketed)
+        logits = self.decode_graphs.run(inputs) if self.decode_graphs is not None else self.decode_step(inputs)
+        return logits[: len(sequences)]
+
+    def _decode_inputs(self, sequences: list[Sequence], bucketed: bool) -> DecodeInputs:
+        assert self.kv_cache is not None, "allocate_kv_cache first"
+        columns = [sequence.cached_tokens for sequence in sequences]
+        kv_length = max(columns) + 1
+        rows = len(sequences)
+        input_ids = [sequence.last_token for sequence in sequences]
+        slots = [sequence.adapter_slots for sequence in sequences]
+        weights = [sequence.adapter_weights for sequence in sequences]
+        positions = list(columns)
+        if bucketed:
+            rows = min(1 << (rows - 1).bit_length(), self.kv_cache.rows - 1)
+            kv_length = min(self.kv_cache.capacity, -(-kv_length // KV_LENGTH_BUCKET) * KV_LENGTH_BUCKET)
+            padding = rows - len(sequences)
+            # Padding rows are free rows; they write their last column, which every sequence
+            # overwrites before it can see it, at model position 0.
+            input_ids += [self.pad_token_id] * padding
+            columns += [self.kv_cache.capacity - 1] * padding
+            positions += [0] * padding
+            slots += [[]] * padding
+            weights += [[]] * padding
+        routing = build_row_routing(slots, weights, 1, self.bank.method_of, self.device, static=bucketed)
+
+        def device_longs(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+        return DecodeInputs(
+            input_ids=device_longs(input_ids)[:, None],
+            positions=device_longs(positions)[:, None],
+            kv_columns=device_longs(columns),
             kv_length=kv_length,
+            routing=routing,
         )
-        return self._forward(
-            input_ids,
-            positions[:, None],
-            layout,
-            [s.adapter_slots for s in sequences],
-            [s.adapter_weights for s in sequences],
-            1,
+
+    @torch.inference_mode()
+    def decode_step(self, inputs: DecodeInputs) -> torch.Tensor:
+        """The decode forward: every tensor it reads is in ``inputs``, and nothing in it waits for the
+        device. CUDA graphs capture exactly this function (``cuda_graphs.py``); the CPU runs it as is."""
+        assert self.kv_cache is not None, "allocate_kv_cache first"
+        rows = inputs.kv_columns.shape[0]
+        columns = torch.arange(inputs.kv_length, device=self.device)
+        layout = DecodeLayout(
+            positions=inputs.kv_columns,
+            row_index=torch.arange(rows, device=self.device),
+            visible=(columns[None, :] <= inputs.kv_columns[:, None])[:, None, None, :],
+            kv_length=inputs.kv_length,
         )
+        with self.bank.routed(inputs.routing), self.kv_cache.attending(layout):
+            output = self.model(
+                input_ids=inputs.input_ids,
+                position_ids=inputs.positions,
+                attention_mask=layout.visible,
+                use_cache=False,
+                logits_to_keep=1,
+            )
+        return output.logits[:, -1, :].float()
 
     def _no_mask(self, rows: int) -> torch.Tensor:
         return torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=self.device)

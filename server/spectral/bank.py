@@ -69,11 +69,19 @@ class LayerTable:
         self._locset_key_of_slot: dict[int, str] = {}
         self._free_locsets: list[int] = []
         self._locset_count = 1
+        self.reallocations = 0  # tables replaced by larger ones (captured CUDA graphs hold the old ones)
+
+    def _grow(self, name: str, dim: int, size: int) -> None:
+        tensor = getattr(self, name)
+        grown = _grown(tensor, dim, size)
+        if grown is not tensor:
+            setattr(self, name, grown)
+            self.reallocations += 1
 
     def ensure_slot_capacity(self, capacity: int) -> None:
-        self.slot_coef = _grown(self.slot_coef, 0, capacity)
-        self.slot_scale = _grown(self.slot_scale, 0, capacity)
-        self.slot_locset = _grown(self.slot_locset, 0, capacity)
+        self._grow("slot_coef", 0, capacity)
+        self._grow("slot_scale", 0, capacity)
+        self._grow("slot_locset", 0, capacity)
 
     def _acquire_locset(self, key: str, compile_locations: Callable[[], SpectralEntries]) -> int:
         known = self._locsets.get(key)
@@ -86,14 +94,14 @@ class LayerTable:
         else:
             locset_id = self._locset_count
             self._locset_count += 1
-        self.locset_in = _grown(self.locset_in, 0, locset_id + 1)
-        self.locset_out = _grown(self.locset_out, 0, locset_id + 1)
-        self.locset_factor = _grown(self.locset_factor, 0, locset_id + 1)
-        self.locset_coef = _grown(self.locset_coef, 0, locset_id + 1)
-        self.locset_in = _grown(self.locset_in, 1, entries.count)
-        self.locset_out = _grown(self.locset_out, 1, entries.count)
-        self.locset_factor = _grown(self.locset_factor, 1, entries.count)
-        self.locset_coef = _grown(self.locset_coef, 1, entries.count)
+        self._grow("locset_in", 0, locset_id + 1)
+        self._grow("locset_out", 0, locset_id + 1)
+        self._grow("locset_factor", 0, locset_id + 1)
+        self._grow("locset_coef", 0, locset_id + 1)
+        self._grow("locset_in", 1, entries.count)
+        self._grow("locset_out", 1, entries.count)
+        self._grow("locset_factor", 1, entries.count)
+        self._grow("locset_coef", 1, entries.count)
         for table, values in (
             (self.locset_in, entries.in_index),
             (self.locset_out, entries.out_index),
@@ -119,7 +127,7 @@ class LayerTable:
         digest = hashlib.blake2b(rows.numpy().tobytes() + cols.numpy().tobytes(), digest_size=16).hexdigest()
         key = f"{method}:{adapter.norm if method == 'sdctft' else ''}:{digest}"
         locset_id = self._acquire_locset(key, lambda: compile_entries(method, adapter.norm, spectrum))
-        self.slot_coef = _grown(self.slot_coef, 1, spectrum.n)
+        self._grow("slot_coef", 1, spectrum.n)
         self.slot_coef[slot].zero_()
         self.slot_coef[slot, : spectrum.n] = spectrum.coefficients.to(self.device, torch.float32)
         self.slot_scale[slot] = spectrum.scaling
@@ -167,6 +175,11 @@ class AdapterBank:
     @property
     def routing(self) -> Routing | None:
         return self._routing
+
+    @property
+    def tables_version(self) -> int:
+        """Changes whenever any layer's table is reallocated (growth), so device pointers taken before are stale."""
+        return sum(table.reallocations for table in self.layers.values())
 
     @property
     def resident_slots(self) -> int:
@@ -234,7 +247,7 @@ class AdapterBank:
         ``slots`` is ``[tokens]`` or ``[tokens, K]`` for K-way blends with ``weights`` of the
         same shape; any leading shape flattens to the token order of the layer inputs.
         """
-        with self.lock, self._routed(build_routing(slots, weights, self.method_of, trainable, self.device)) as routing:
+        with self.lock, self.routed(build_routing(slots, weights, self.method_of, trainable, self.device)) as routing:
             yield routing
 
     @contextmanager
@@ -242,16 +255,15 @@ class AdapterBank:
         self, row_slots: Sequence[Sequence[int]], row_weights: Sequence[Sequence[float]], tokens_per_row: int
     ) -> Iterator[Routing]:
         """:meth:`route` for the serving engine: per-row slots and weights as host lists (no device sync)."""
-        with (
-            self.lock,
-            self._routed(build_row_routing(row_slots, row_weights, tokens_per_row, self.method_of, self.device)) as r,
-        ):
+        with self.routed(build_row_routing(row_slots, row_weights, tokens_per_row, self.method_of, self.device)) as r:
             yield r
 
     @contextmanager
-    def _routed(self, routing: Routing) -> Iterator[Routing]:
-        self._routing = routing
-        try:
-            yield routing
-        finally:
-            self._routing = None
+    def routed(self, routing: Routing) -> Iterator[Routing]:
+        """Route one forward by a prepared ``routing``, holding the lock for its duration."""
+        with self.lock:
+            self._routing = routing
+            try:
+                yield routing
+            finally:
+                self._routing = None

@@ -116,7 +116,9 @@ class RoutedSpectralLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         routing = self.bank.routing
-        if routing is None or not routing.any_adapter or self.table.covered_slots.isdisjoint(routing.unique_slot_list):
+        if routing is None or not routing.any_adapter:
+            return out
+        if not routing.every_layer and self.table.covered_slots.isdisjoint(routing.unique_slot_list):
             return out
         tokens = x.reshape(-1, x.shape[-1])
         if tokens.shape[0] != routing.token_count:

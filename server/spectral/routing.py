@@ -45,6 +45,7 @@ class Routing:
     needs_fourier: bool
     needs_dct: bool
     trainable: TrainableSpectrum | None
+    every_layer: bool = False  # static shapes (CUDA graphs): no layer is skipped for lack of its slots
 
     @property
     def token_count(self) -> int:
@@ -106,16 +107,24 @@ def build_row_routing(
     tokens_per_row: int,
     method_of: Callable[[int], str | None],
     device: torch.device,
+    *,
+    static: bool = False,
 ) -> Routing:
     """Routing for rows of ``tokens_per_row`` tokens, row ``i`` using ``row_slots[i]`` blended by ``row_weights[i]``.
 
     Everything that decides the layers' code path (slots present, methods, which rows carry an
     adapter) is computed here on the host; the tensors are only copied to the device, so no
     device->host synchronisation happens in the forward.
+
+    ``static`` gives every tensor a shape that depends on the number of rows and the blend width
+    only (no de-duplication of slots, every row and every layer computed), so a CUDA graph
+    captured with one routing replays with any other of the same shapes.
     """
     width = max((len(slots) for slots in row_slots), default=1) or 1
     slots = [list(row) + [0] * (width - len(row)) for row in row_slots]
     weights = [list(row) + [0.0] * (width - len(row)) for row in row_weights]
+    if static:
+        return _static_row_routing(slots, weights, tokens_per_row, method_of, device)
     plain = width == 1 and all(w[0] == 1.0 or s[0] == 0 for s, w in zip(slots, weights, strict=True))
     unique_slot_list = sorted({slot for row in slots for slot in row})
     position = {slot: index for index, slot in enumerate(unique_slot_list)}
@@ -135,4 +144,30 @@ def build_row_routing(
         needs_fourier="fourierft" in methods,
         needs_dct="sdctft" in methods,
         trainable=None,
+    )
+
+
+def _static_row_routing(
+    slots: list[list[int]],
+    weights: list[list[float]],
+    tokens_per_row: int,
+    method_of: Callable[[int], str | None],
+    device: torch.device,
+) -> Routing:
+    rows, width = len(slots), len(slots[0])
+    present = sorted({slot for row in slots for slot in row})
+    methods = {method_of(slot) for slot in present}
+    return Routing(
+        unique_slots=torch.tensor([slot for row in slots for slot in row], dtype=torch.long).to(
+            device, non_blocking=True
+        ),
+        unique_slot_list=present,
+        inverse=torch.arange(rows * width, device=device).view(rows, width),
+        weights=torch.tensor(weights, dtype=torch.float32).to(device, non_blocking=True),
+        tokens_per_row=tokens_per_row,
+        adapter_rows=None,
+        needs_fourier="fourierft" in methods,
+        needs_dct="sdctft" in methods,
+        trainable=None,
+        every_layer=True,
     )
