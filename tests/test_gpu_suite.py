@@ -23,7 +23,7 @@ def test_the_gpu_suite_runs_tiny_on_cpu_and_writes_its_report(tmp_path: Path) ->
     )
     report = json.loads((out / "results.json").read_text())
     assert set(report["base_decode"]) == {"1", "4", "8"}
-    assert all(cell["tokens_per_s"] > 0 and 0 < cell["roofline_fraction"] for cell in report["base_decode"].values())
+    assert all(cell["tokens_per_s"] > 0 and cell["roofline_fraction"] > 0 for cell in report["base_decode"].values())
     assert set(report["adapters"]) == {"4", "8"} and all(c["vs_base"] > 0 for c in report["adapters"].values())
     assert report["resident_10k"]["resident"] >= 100
     assert set(report["peers"]) == {"generate_batch", "peft_one_adapter"}
