@@ -119,3 +119,19 @@ def test_decode_after_a_row_leaves_equals_decode_without_it(engine: Engine) -> N
     moved = engine.runner.decode(plan.decode)
     assert torch.allclose(moved[0], expected[3], atol=1e-5)
     assert torch.allclose(moved[1:], expected[1:3], atol=1e-5)
+
+
+def test_a_reused_routing_never_serves_entries_of_an_unloaded_adapter(engine: Engine) -> None:
+    """Decode steps reuse the previous routing (and its gathered entries) only while the bank is unchanged."""
+    sequences = running_rows(engine, [{"f": 1.0}])
+    bank = engine.runner.bank
+    first = engine.runner.decode(sequences)
+    assert torch.equal(engine.runner.decode(sequences), first), "the reused routing gives the same step"
+    slot = sequences[0].adapter_slots[0]
+    bank.unload(slot)
+    replacement = bank.load(random_adapter(engine.runner.module_shapes, 99))
+    assert replacement == slot, "the freed slot is reused, so the rows' slots are unchanged"
+    fresh = engine.runner.decode(sequences)
+    assert not torch.allclose(fresh, first)
+    bank._last_routing = None
+    assert torch.equal(engine.runner.decode(sequences), fresh)

@@ -15,6 +15,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from server.engine.cpu_allocator import keep_freed_memory_for_reuse
 from server.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from server.engine.kv_cache import (
     ATTENTION_IMPLEMENTATION,
@@ -28,7 +29,6 @@ from server.engine.scheduler import PrefillSegment
 from server.engine.sequence import Sequence
 from server.spectral.bank import AdapterBank
 from server.spectral.model import attach_routed_layers
-from server.spectral.routing import build_row_routing
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ class ModelRunner:
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            keep_freed_memory_for_reuse()
         self.dtype = next(model.parameters()).dtype
         self.model_path = model_path
         self.tokenizer = tokenizer
@@ -215,7 +217,7 @@ class ModelRunner:
             positions += [0] * padding
             slots += [[]] * padding
             weights += [[]] * padding
-        routing = build_row_routing(slots, weights, 1, self.bank.method_of, self.device, static=bucketed)
+        routing = self.bank.row_routing(slots, weights, 1, static=bucketed)
 
         def device_longs(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

@@ -171,6 +171,8 @@ class AdapterBank:
         self._free_slots: list[int] = []
         self._next_slot = 1
         self._routing: Routing | None = None
+        self._mutations = 0  # loads and unloads: a routing built before one may gather stale entries
+        self._last_routing: tuple[tuple, Routing] | None = None
 
     @property
     def routing(self) -> Routing | None:
@@ -208,6 +210,7 @@ class AdapterBank:
                 self._release(slot, adapter.modules)
                 raise
             self._slots[slot] = _Slot(adapter.method, tuple(adapter.modules))
+            self._mutations += 1
             return slot
 
     def unload(self, slot: int) -> None:
@@ -215,6 +218,7 @@ class AdapterBank:
             info = self._slots.pop(slot, None)
             if info is not None:
                 self._release(slot, info.modules)
+                self._mutations += 1
 
     def _release(self, slot: int, modules: Iterable[str]) -> None:
         for name in modules:
@@ -250,13 +254,33 @@ class AdapterBank:
         with self.lock, self.routed(build_routing(slots, weights, self.method_of, trainable, self.device)) as routing:
             yield routing
 
+    def row_routing(
+        self,
+        row_slots: Sequence[Sequence[int]],
+        row_weights: Sequence[Sequence[float]],
+        tokens_per_row: int,
+        *,
+        static: bool = False,
+    ) -> Routing:
+        """:func:`build_row_routing` for the serving engine, reusing the previous call's routing (with the
+        per-layer entries its forward gathered) while the rows and the resident adapters are unchanged:
+        the common decode step."""
+        key = (tuple(map(tuple, row_slots)), tuple(map(tuple, row_weights)), tokens_per_row, static)
+        with self.lock:
+            if self._last_routing is None or self._last_routing[0] != (key, self._mutations):
+                routing = build_row_routing(
+                    row_slots, row_weights, tokens_per_row, self.method_of, self.device, static=static
+                )
+                self._last_routing = ((key, self._mutations), routing)
+            return self._last_routing[1]
+
     @contextmanager
     def route_rows(
         self, row_slots: Sequence[Sequence[int]], row_weights: Sequence[Sequence[float]], tokens_per_row: int
     ) -> Iterator[Routing]:
         """:meth:`route` for the serving engine: per-row slots and weights as host lists (no device sync)."""
-        with self.routed(build_row_routing(row_slots, row_weights, tokens_per_row, self.method_of, self.device)) as r:
-            yield r
+        with self.routed(self.row_routing(row_slots, row_weights, tokens_per_row)) as routing:
+            yield routing
 
     @contextmanager
     def routed(self, routing: Routing) -> Iterator[Routing]:

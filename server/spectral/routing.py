@@ -10,7 +10,7 @@ slots (tests, fine-tuning) go through :func:`build_routing`, which asks the devi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,15 @@ class TrainableSpectrum:
 
     slot: int
     coefficients: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RowEntries:
+    """One layer's entries expanded per row: ``weights``, ``in_index``, ``out_index`` all ``[rows, entries]``."""
+
+    weights: torch.Tensor
+    in_index: torch.Tensor
+    out_index: torch.Tensor
 
 
 @dataclass
@@ -46,6 +55,7 @@ class Routing:
     needs_dct: bool
     trainable: TrainableSpectrum | None
     every_layer: bool = False  # static shapes (CUDA graphs): no layer is skipped for lack of its slots
+    entries: dict[str, RowEntries] = field(default_factory=dict)  # per layer, filled by the first forward
 
     @property
     def token_count(self) -> int:
