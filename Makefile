@@ -7,7 +7,7 @@ LOCK := requirements.lock
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 SPECTRA_DATA_DIR ?= ./data
 
-.PHONY: serve test lint lock bench venv clean
+.PHONY: serve test lint lock bench gpu-wheels venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,16 @@ lock: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/spectral_apply.py
+
+# The GPU machine has torch, transformers and peft but not the settings model's packages, and no registry:
+# bench/gpu_suite.py carries these wheels (the lock's versions, for its Python 3.12) in .whl.
+EXCLUDE = $(shell git rev-parse --git-path info/exclude)
+GPU_WHEELS := pydantic pydantic-core pydantic-settings annotated-types typing-inspection python-dotenv
+gpu-wheels: $(STAMP)
+	grep -qx '/.whl/' $(EXCLUDE) 2>/dev/null || echo /.whl/ >> $(EXCLUDE)
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$(foreach name,$(GPU_WHEELS),$(shell grep -oiE '^$(name)==[^ ]+' $(LOCK)))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from server.api.request_id import current_request_id
+# A contextvar rather than request.state: log records are made far from any Request object (uvicorn's
+# access log, the error middleware, thread-pool work), and each request's task has its own context. It
+# lives here, with the formatters that read it, so that nothing below the API layer imports the API.
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+def current_request_id() -> str | None:
+    """The id of the HTTP request this code runs for, or None outside one (startup, the engine thread)."""
+    return REQUEST_ID.get()
+
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"

@@ -21,11 +21,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from server.api.errors import error_body, error_response
-from server.api.request_id import current_request_id
 from server.api.schemas.common import MAX_SEED
 from server.engine.engine import Engine
 from server.engine.handle import RequestHandle
 from server.engine.types import EngineError, FinishEvent, GenerationRequest, SamplingParams
+from server.logging_setup import current_request_id
 from server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)

@@ -10,23 +10,15 @@ from __future__ import annotations
 
 import re
 import uuid
-from contextvars import ContextVar
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.logging_setup import REQUEST_ID
+
 REQUEST_ID_HEADER = "X-Request-Id"
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _HEADER_KEY = REQUEST_ID_HEADER.lower().encode("latin-1")
-
-# A contextvar rather than request.state: log records are made far from any Request object (uvicorn's
-# access log, the error middleware, thread-pool work), and each request's task has its own context.
-_current: ContextVar[str | None] = ContextVar("request_id", default=None)
-
-
-def current_request_id() -> str | None:
-    """The id of the HTTP request this code runs for, or None outside one (startup, the engine thread)."""
-    return _current.get()
 
 
 def _request_id(scope: Scope) -> str:
@@ -55,8 +47,8 @@ class RequestIdMiddleware:
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
             await send(message)
 
-        token = _current.set(request_id)
+        token = REQUEST_ID.set(request_id)
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            _current.reset(token)
+            REQUEST_ID.reset(token)
