@@ -7,7 +7,9 @@ model with a 32,000-token vocabulary (hidden 512, 4 layers, 8 query / 2 key-valu
 - ``http``: the real server as a subprocess, 32 concurrent ``POST /generate`` requests;
 - ``engine``: the engine in-process;
 - ``generate``: ``transformers`` ``generate`` on one batch of the 32 prompts (all the same length);
-- ``generate_batch``: ``transformers``' own continuous batching (``generate_batch``).
+- ``generate_batch``: ``transformers``' own continuous batching (``generate_batch``);
+- ``generate_tuned_allocator``: ``generate`` again, after the engine tuned glibc's allocator in this
+  process (``server/engine/cpu_allocator.py``): how much of the gap that setting alone makes.
 
 The model's output-head rows of the end tokens are zero, so their logit is 0 while the largest of
 32,000 random logits is far above it: greedy decoding never stops early, and every competitor
@@ -172,6 +174,14 @@ def main() -> None:
             for new_tokens in args.new_tokens:
                 measure("http", lambda n: run_http(server.base_url, batch, n), new_tokens)
 
+        # Plain transformers first, in a process whose allocator nothing has tuned yet: what a user gets.
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        for new_tokens in args.new_tokens:
+            measure("generate", lambda n: run_generate(model, batch, n), new_tokens)
+        paged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        for new_tokens in args.new_tokens:
+            measure("generate_batch", lambda n: run_generate_batch(paged.eval(), batch, n), new_tokens)
+
         runner = ModelRunner(model_dir, dtype="float32", device="cpu")
         registry = AdapterRegistry(
             runner.bank, runner.module_shapes, runner.architecture, AdapterStore(work / "store"), base_model="bench"
@@ -183,13 +193,10 @@ def main() -> None:
                 measure("engine", lambda n: run_engine(engine, batch, n), new_tokens)
         finally:
             engine.stop()
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        # The engine raised glibc's mmap/trim thresholds (server/engine/cpu_allocator.py) for this whole
+        # process; generate again shows how much of the gap is that setting alone.
         for new_tokens in args.new_tokens:
-            measure("generate", lambda n: run_generate(model, batch, n), new_tokens)
-        paged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-        for new_tokens in args.new_tokens:
-            measure("generate_batch", lambda n: run_generate_batch(paged.eval(), batch, n), new_tokens)
+            measure("generate_tuned_allocator", lambda n: run_generate(model, batch, n), new_tokens)
 
     short, long = min(args.new_tokens), max(args.new_tokens)
     rate = {name: {n: cell["tokens_per_s"] for n, cell in cells.items()} for name, cells in results.items()}
@@ -199,6 +206,9 @@ def main() -> None:
         f"http/generate at {long}": round(rate["http"][long] / rate["generate"][long], 3),
         f"engine/generate at {long}": round(rate["engine"][long] / rate["generate"][long], 3),
         f"http/generate_batch at {long}": round(rate["http"][long] / rate["generate_batch"][long], 3),
+        f"http/generate_tuned_allocator at {long}": round(
+            rate["http"][long] / rate["generate_tuned_allocator"][long], 3
+        ),
         f"http/generate at {short}": round(rate["http"][short] / rate["generate"][short], 3),
     }
     print("ratios:")
