@@ -114,6 +114,18 @@ def running_server(work: Path, *serve_args: str) -> Iterator[RunningServer]:
             process.wait()
 
 
+def generate_exactly(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tensor:
+    """Greedy ``generate`` of exactly ``new_tokens`` per row (no early stop), as every competitor must."""
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        **kwargs,
+    )
+
+
 def write_report(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

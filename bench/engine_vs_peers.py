@@ -33,7 +33,14 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.utils import logging as hf_logging
 
 from adapters_store.store import AdapterStore
-from bench.common import load_1min, report_header, running_server, wait_for_quiet_machine, write_report
+from bench.common import (
+    generate_exactly,
+    load_1min,
+    report_header,
+    running_server,
+    wait_for_quiet_machine,
+    write_report,
+)
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine
 from server.engine.model_runner import ModelRunner
@@ -117,13 +124,7 @@ def run_generate(model: torch.nn.Module, batch: list[list[int]], new_tokens: int
     input_ids = torch.tensor(batch)
     start = time.perf_counter()
     with torch.inference_mode():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-        )
+        output = generate_exactly(model, input_ids, new_tokens)
     return time.perf_counter() - start, (output.shape[1] - input_ids.shape[1]) * len(batch)
 
 

@@ -47,6 +47,7 @@ from transformers.utils import logging as hf_logging
 
 from adapters_store.peft_format import to_peft_dir
 from adapters_store.store import AdapterStore
+from bench.common import generate_exactly
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine
 from server.engine.handle import RequestHandle
@@ -197,13 +198,10 @@ def peer_rates(config: LlamaConfig, sizes: Sizes, device: torch.device, dtype: t
         results["generate_batch"] = {"rows": rows, "tokens_per_s": round(generated / (time.perf_counter() - start), 1)}
         peft_model = PeftModel.from_pretrained(model, peft_dir).eval()
         input_ids = torch.tensor(prompts, device=device)
-        kwargs = {"attention_mask": torch.ones_like(input_ids), "do_sample": False, "pad_token_id": 0}
-        peft_model.generate(input_ids=input_ids, max_new_tokens=2, min_new_tokens=2, **kwargs)
+        generate_exactly(peft_model, input_ids, 2, pad_token_id=0)
         synchronize(device)
         start = time.perf_counter()
-        output = peft_model.generate(
-            input_ids=input_ids, max_new_tokens=sizes.new_tokens, min_new_tokens=sizes.new_tokens, **kwargs
-        )
+        output = generate_exactly(peft_model, input_ids, sizes.new_tokens, pad_token_id=0)
         synchronize(device)
         generated = (output.shape[1] - input_ids.shape[1]) * rows
         results["peft_one_adapter"] = {

@@ -40,6 +40,7 @@ from adapters_store.peft_format import to_peft_dir
 from adapters_store.store import AdapterStore
 from bench.common import (
     cpu_model,
+    generate_exactly,
     load_1min,
     percentile,
     report_header,
@@ -244,14 +245,7 @@ def load_peft_model(model_dir: Path, peft_dirs: list[Path]) -> PeftModel:
 
 def peft_generate(model: PeftModel, prompt: list[int], new_tokens: int, streamer: BaseStreamer | None) -> list[int]:
     input_ids = torch.tensor([prompt])
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        streamer=streamer,
-    )
+    output = generate_exactly(model, input_ids, new_tokens, streamer=streamer)
     return output[0, input_ids.shape[1] :].tolist()
 
 

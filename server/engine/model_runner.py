@@ -29,6 +29,7 @@ from server.engine.scheduler import PrefillSegment
 from server.engine.sequence import Sequence
 from server.spectral.bank import AdapterBank
 from server.spectral.model import attach_routed_layers
+from server.spectral.routing import Routing
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +138,7 @@ class ModelRunner:
             torch.tensor([[self.pad_token_id]], device=self.device),
             torch.zeros(1, 1, dtype=torch.long, device=self.device),
             PrefillLayout((PrefillSegmentLayout(rows, 0, 1, None),)),
-            [[]],
-            [[]],
-            1,
+            self.bank.row_routing([[]], [[]], 1),
         )
         if cuda_graphs and self.device.type == "cuda":
             self.decode_graphs = DecodeGraphs(self)
@@ -180,9 +179,7 @@ class ModelRunner:
             input_ids.to(self.device),
             positions.to(self.device),
             PrefillLayout(tuple(layouts)),
-            [s.adapter_slots for s in sequences],
-            [s.adapter_weights for s in sequences],
-            width,
+            self.bank.row_routing([s.adapter_slots for s in sequences], [s.adapter_weights for s in sequences], width),
             logits_to_keep=last,
         )
 
@@ -243,15 +240,7 @@ class ModelRunner:
             visible=(columns[None, :] <= inputs.kv_columns[:, None])[:, None, None, :],
             kv_length=inputs.kv_length,
         )
-        with self.bank.routed(inputs.routing), self.kv_cache.attending(layout):
-            output = self.model(
-                input_ids=inputs.input_ids,
-                position_ids=inputs.positions,
-                attention_mask=layout.visible,
-                use_cache=False,
-                logits_to_keep=1,
-            )
-        return output.logits[:, -1, :].float()
+        return self._forward(inputs.input_ids, inputs.positions, layout, inputs.routing)
 
     def _no_mask(self, rows: int) -> torch.Tensor:
         return torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=self.device)
@@ -262,16 +251,15 @@ class ModelRunner:
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         layout: DecodeLayout | PrefillLayout,
-        row_slots: list[list[int]],
-        row_weights: list[list[float]],
-        tokens_per_row: int,
+        routing: Routing,
         logits_to_keep: int | torch.Tensor = 1,
     ) -> torch.Tensor:
+        """One routed forward; fp32 logits at each row's kept position, ``[rows, vocab]``."""
         assert self.kv_cache is not None, "allocate_kv_cache first"
         # A 4-D mask makes transformers skip building its own (which inspects the inputs on the host);
         # spectra_attention reads the layout instead.
         skip_mask = layout.visible if isinstance(layout, DecodeLayout) else self._no_mask(input_ids.shape[0])
-        with self.bank.route_rows(row_slots, row_weights, tokens_per_row), self.kv_cache.attending(layout):
+        with self.bank.routed(routing), self.kv_cache.attending(layout):
             output = self.model(
                 input_ids=input_ids,
                 position_ids=positions,

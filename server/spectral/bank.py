@@ -275,14 +275,6 @@ class AdapterBank:
             return self._last_routing[1]
 
     @contextmanager
-    def route_rows(
-        self, row_slots: Sequence[Sequence[int]], row_weights: Sequence[Sequence[float]], tokens_per_row: int
-    ) -> Iterator[Routing]:
-        """:meth:`route` for the serving engine: per-row slots and weights as host lists (no device sync)."""
-        with self.routed(self.row_routing(row_slots, row_weights, tokens_per_row)) as routing:
-            yield routing
-
-    @contextmanager
     def routed(self, routing: Routing) -> Iterator[Routing]:
         """Route one forward by a prepared ``routing``, holding the lock for its duration."""
         with self.lock:
