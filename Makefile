@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 LOCK := requirements.lock
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
+NODEPS_LOCK := requirements-nodeps.lock
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) $(NODEPS_LOCK) | cksum | cut -d' ' -f1)
 SPECTRA_DATA_DIR ?= ./data
 
 .PHONY: serve test lint lock bench gpu-wheels venv clean
@@ -15,9 +16,9 @@ $(BIN)/python:
 # The lock pins torch==2.13.0+cpu, the local CPU wheel pip finds on these machines, so no CUDA package
 # comes in. pip-sync (pip-tools, itself locked) then removes whatever an older lock left behind, and the
 # project goes in editable without build isolation: its build backend (setuptools) is in the lock too.
-$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
-	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
-	$(BIN)/pip-sync --quiet --no-config $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) $(NODEPS_LOCK) | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK) -r $(NODEPS_LOCK)
+	$(BIN)/pip-sync --quiet --no-config $(LOCK) $(NODEPS_LOCK)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation --editable .
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
@@ -46,14 +47,16 @@ lock: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/spectral_apply.py
 
-# The GPU machine has torch, transformers and peft but not the settings model's packages, and no registry:
+# The GPU machine has torch, transformers and peft but not the settings model's packages or llguidance (the
+# engine's grammar masks), and no registry:
 # bench/gpu_suite.py carries these wheels (the lock's versions, for its Python 3.12) in .whl.
 EXCLUDE = $(shell git rev-parse --git-path info/exclude)
-GPU_WHEELS := pydantic pydantic-core pydantic-settings annotated-types typing-inspection python-dotenv
+GPU_WHEELS := pydantic pydantic-core pydantic-settings annotated-types typing-inspection python-dotenv llguidance
 gpu-wheels: $(STAMP)
 	grep -qx '/.whl/' $(EXCLUDE) 2>/dev/null || echo /.whl/ >> $(EXCLUDE)
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		--platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 		$(foreach name,$(GPU_WHEELS),$(shell grep -oiE '^$(name)==[^ ]+' $(LOCK)))
 
 clean:

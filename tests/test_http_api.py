@@ -264,7 +264,7 @@ def test_negative_temperature_is_422_naming_the_field(http_server: Server) -> No
 def test_invalid_parameter_combinations_are_422(http_server: Server) -> None:
     both = tgi(http_server, PROMPT, adapter_id="alpha", adapters={"beta": 1.0})
     assert "mutually exclusive" in assert_error(both, 422, "invalid_request_error", "parameters.adapters")
-    n = httpx.post(f"{http_server.base_url}/v1/completions", json={"model": "alpha", "prompt": PROMPT, "n": 2})
+    n = httpx.post(f"{http_server.base_url}/v1/completions", json={"model": "alpha", "prompt": PROMPT, "n": 17})
     assert_error(n, 422, "invalid_request_error", "n")
     stops = tgi(http_server, PROMPT, stop=["a", "b", "c", "d", "e"])
     assert_error(stops, 422, "invalid_request_error", "parameters.stop")

@@ -1,4 +1,5 @@
-"""requirements.lock: what `make test` and `make serve` install, verbatim, and what this suite runs on."""
+"""requirements.lock (and requirements-nodeps.lock): what `make test` and `make serve` install, verbatim, and
+what this suite runs on."""
 
 from __future__ import annotations
 
@@ -14,18 +15,26 @@ from packaging.version import Version
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCK = REPO_ROOT / "requirements.lock"
+NODEPS_LOCK = REPO_ROOT / "requirements-nodeps.lock"
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+) \\$")
 
 
-def _locked() -> dict[str, str]:
+def _locked(lock: Path = LOCK) -> dict[str, str]:
     pins = {}
-    lines = LOCK.read_text().splitlines()
+    lines = lock.read_text().splitlines()
     for number, line in enumerate(lines):
         match = PIN.match(line)
         if match:
             assert lines[number + 1].strip().startswith("--hash=sha256:"), f"{line}: no hash"
             pins[canonicalize_name(match.group(1))] = match.group(2)
     return pins
+
+
+def test_packages_installed_without_dependencies_are_hashed_and_outside_the_main_lock() -> None:
+    """lorax-client's declared requirements conflict with the lock's, so it is installed with --no-deps."""
+    nodeps = _locked(NODEPS_LOCK)
+    assert nodeps, "requirements-nodeps.lock pins nothing"
+    assert not set(nodeps) & set(_locked()), "a package pinned in both locks"
 
 
 def test_the_lock_pins_every_package_with_hashes_and_the_local_cpu_torch() -> None:
@@ -64,4 +73,4 @@ def test_this_environment_is_exactly_the_lock() -> None:
         timeout=120,
     ).stdout.splitlines()
     installed = {canonicalize_name(name): version for name, _, version in (line.partition("==") for line in frozen)}
-    assert installed == _locked()
+    assert installed == {**_locked(), **_locked(NODEPS_LOCK)}

@@ -61,7 +61,7 @@ def running_rows(engine: Engine, adapters: list[dict[str, float]]) -> list[Seque
     plan = engine.scheduler.schedule()
     for sequence in plan.admitted:
         sequence.adapter_slots = [lease.slot() for lease, _ in sequence.leases]
-    logits = engine.runner.prefill(plan.prefill)
+    logits = engine.runner.prefill(plan.prefill).logits
     for row, segment in enumerate(plan.prefill):
         engine.scheduler.prefilled(segment)
         segment.sequence.generated.append(int(logits[row].argmax()))

@@ -17,7 +17,7 @@ from server.api.errors import install_error_handlers
 from server.api.http_metrics import HTTPMetricsMiddleware
 from server.api.openapi import install_openapi
 from server.api.request_id import RequestIdMiddleware
-from server.api.routes import adapters, finetune, generate, health, openai, vllm
+from server.api.routes import adapters, finetune, generate, health, openai, tokenize, vllm
 from server.api.routes import files as file_routes
 from server.api.routes import metrics as metrics_routes
 from server.engine.engine import Engine
@@ -46,7 +46,7 @@ def create_app(
     jobs: JobManager,
     keys: KeyRing | None = None,
 ) -> FastAPI:
-    """Routes for TGI/LoRAX (``/generate``...), OpenAI (``/v1/...``), ``/health`` and ``/info``.
+    """Routes for TGI/LoRAX (``/generate``...), OpenAI (``/v1/...``), ``/tokenize``, ``/health`` and ``/info``.
 
     The caller owns the lifecycles of the engine, the file store and the job manager. ``keys``
     defaults to the keys the settings name; with none the server is open (``docs/security.md``).
@@ -91,6 +91,7 @@ def create_app(
     app.include_router(metrics_routes.router, dependencies=[] if settings.metrics_auth == "open" else requires(ADMIN))
     app.include_router(generate.router, dependencies=requires("inference"))
     app.include_router(openai.router, dependencies=requires("inference"))
+    app.include_router(tokenize.router, dependencies=requires("inference"))
     app.include_router(adapters.router)
     app.include_router(file_routes.router, dependencies=requires("finetune"))
     app.include_router(finetune.router, dependencies=requires("finetune"))

@@ -24,7 +24,14 @@ from server.api.errors import error_body, error_response
 from server.api.schemas.common import MAX_SEED
 from server.engine.engine import Engine
 from server.engine.handle import RequestHandle
-from server.engine.types import EngineError, FinishEvent, GenerationRequest, SamplingParams
+from server.engine.types import (
+    EngineError,
+    FinishEvent,
+    GenerationRequest,
+    Grammar,
+    InvalidRequestError,
+    SamplingParams,
+)
 from server.logging_setup import current_request_id
 from server.settings import ServerSettings
 
@@ -84,9 +91,22 @@ def check_finished(finish: FinishEvent) -> FinishEvent:
     return finish
 
 
-async def encode(engine: Engine, text: str, *, add_special_tokens: bool = True) -> list[int]:
+async def encode(engine: Engine, text: str, *, add_special_tokens: bool = True, param: str = "inputs") -> list[int]:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # JSON escapes can spell a lone surrogate (\ud800), which no tokenizer can encode.
+        raise InvalidRequestError(
+            f"the text holds an unpaired surrogate (\\u{ord(text[error.start]):04x}), which is not text", param=param
+        ) from error
     # Long prompts take real CPU time to tokenise; keep the event loop (and every other stream) moving.
     return await run_in_threadpool(engine.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+
+async def compile_grammar(engine: Engine, grammar: Grammar | None) -> None:
+    """Compile (or find cached) a request's grammar in a worker thread; a bad one is a 422 here."""
+    if grammar is not None:
+        await run_in_threadpool(engine.grammars.compiled, grammar)
 
 
 def default_max_new_tokens(engine: Engine, prompt_tokens: int) -> int:
@@ -106,6 +126,11 @@ def sampling_params(
     repetition_penalty: float,
     seed: int | None,
     stop: list[str],
+    top_logprobs: int = 0,
+    min_tokens: int = 0,
+    ignore_eos: bool = False,
+    prompt_logprobs: int | None = None,
+    grammar: Grammar | None = None,
 ) -> SamplingParams:
     params = SamplingParams(
         max_new_tokens=max_new_tokens,
@@ -116,6 +141,11 @@ def sampling_params(
         repetition_penalty=repetition_penalty,
         seed=seed,
         stop=tuple(stop),
+        top_logprobs=top_logprobs,
+        min_tokens=min_tokens,
+        ignore_eos=ignore_eos,
+        prompt_logprobs=prompt_logprobs,
+        grammar=grammar,
     )
     if params.greedy or seed is not None:
         return params
@@ -146,6 +176,21 @@ def submit(
         if engine_param and exc.param and exc.param != engine_param and exc.message.startswith(f"{engine_param} "):
             exc.message = exc.param + exc.message[len(engine_param) :]
         raise
+
+
+async def wait_for_results(handles: list[RequestHandle], request: Request) -> list[FinishEvent] | None:
+    """:func:`wait_for_result` for several requests at once (one per choice); ``None`` if the client left."""
+    try:
+        results = await asyncio.gather(*(wait_for_result(handle, request) for handle in handles))
+    except BaseException:
+        for handle in handles:
+            handle.cancel()
+        raise
+    if any(result is None for result in results):
+        for handle in handles:
+            handle.cancel()
+        return None
+    return [result for result in results if result is not None]
 
 
 async def wait_for_result(handle: RequestHandle, request: Request) -> FinishEvent | None:
@@ -182,8 +227,9 @@ def client_closed_response() -> JSONResponse:
     return error_response("client closed the request", CLIENT_CLOSED_STATUS, error_type="cancelled")
 
 
-def sse_response(handle: RequestHandle, events: AsyncIterator[str]) -> EventSourceResponse:
-    return GenerationStream(handle, events)
+def sse_response(handles: RequestHandle | list[RequestHandle], events: AsyncIterator[str]) -> EventSourceResponse:
+    """``events`` as SSE; every one of ``handles`` (one per choice) is cancelled when the stream ends."""
+    return GenerationStream(handles if isinstance(handles, list) else [handles], events)
 
 
 class GenerationStream(EventSourceResponse):
@@ -195,8 +241,9 @@ class GenerationStream(EventSourceResponse):
     raise ``SendTimeoutError``, logged here as one line; uvicorn then closes the connection.
     """
 
-    def __init__(self, handle: RequestHandle, events: AsyncIterator[str]) -> None:
-        self.handle = handle
+    def __init__(self, handles: list[RequestHandle], events: AsyncIterator[str]) -> None:
+        self.handles = handles
+        self.handle = handles[0]
         self.request_timeout = 0.0
         super().__init__(self._guarded(events), sep="\n")
 
@@ -247,4 +294,5 @@ class GenerationStream(EventSourceResponse):
             # Reached on normal completion too (cancel is idempotent), when sse-starlette cancels the
             # generator because the client went away or a write timed out, and past the request
             # timeout: the engine then frees the row within one step.
-            handle.cancel()
+            for each in self.handles:
+                each.cancel()

@@ -35,9 +35,10 @@ import torch
 from server import metrics
 from server.engine.adapters import AdapterLease, AdapterRegistry
 from server.engine.detokenizer import IncrementalDetokenizer, SpecialTokens
+from server.engine.grammar import GrammarCompiler, GrammarMasks
 from server.engine.handle import RequestHandle, deliver
 from server.engine.model_runner import ModelRunner
-from server.engine.sampler import SampledTokens, SamplingBatch, sample
+from server.engine.sampler import PromptScores, SamplingBatch, sample
 from server.engine.scheduler import Scheduler, StepPlan
 from server.engine.sequence import Sequence
 from server.engine.training_gate import TrainingGate, TrainingTask
@@ -47,6 +48,7 @@ from server.engine.types import (
     FinishReason,
     GenerationRequest,
     InvalidRequestError,
+    PromptToken,
     QueueFullError,
     TokenEvent,
 )
@@ -67,6 +69,8 @@ class Engine:
         self.scheduler = Scheduler(settings.max_batch_size, settings.prefill_token_budget)
         runner.allocate_kv_cache(settings.max_batch_size, settings.max_total_tokens)
         self._special = SpecialTokens(self.tokenizer)
+        self.grammars = GrammarCompiler(self.tokenizer, runner.vocab_size)
+        self._grammar_masks = GrammarMasks(runner.vocab_size)
         self._wakeup = threading.Condition()
         self._training = TrainingGate(settings.training_share)
         self._stopping = False
@@ -100,6 +104,12 @@ class Engine:
         if task.error is not None:
             raise task.error
         return cast(T, task.result)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.grammars.token_bytes(token_id)
 
     def is_ready(self) -> bool:
         return self._ready and self._thread.is_alive()
@@ -153,8 +163,15 @@ class Engine:
             for lease, _ in leases:
                 lease.release()
             raise
+        grammar = request.params.grammar
+        try:
+            matcher = self.grammars.matcher(grammar) if grammar is not None else None
+        except Exception:
+            for lease, _ in leases:
+                lease.release()
+            raise
         handle = RequestHandle(request.request_id, len(request.prompt_ids), asyncio.get_running_loop())
-        sequence = Sequence(request, handle, leases, IncrementalDetokenizer(self.tokenizer))
+        sequence = Sequence(request, handle, leases, IncrementalDetokenizer(self.tokenizer), matcher=matcher)
         with self._wakeup:
             if len(self.scheduler.waiting) >= self.settings.max_queue:
                 self._finish_cancelled()
@@ -207,6 +224,11 @@ class Engine:
             )
         if any(not stop for stop in stops):
             raise InvalidRequestError("stop must not contain an empty sequence", param="stop")
+        if request.params.min_tokens > max_new_tokens:
+            raise InvalidRequestError(
+                f"min_tokens ({request.params.min_tokens}) must be <= max_new_tokens ({max_new_tokens})",
+                param="min_tokens",
+            )
         if len(request.adapters) > self.settings.max_blend_adapters:
             raise InvalidRequestError(
                 f"a blend may name at most {self.settings.max_blend_adapters} adapters, got {len(request.adapters)}",
@@ -256,22 +278,36 @@ class Engine:
     def _prefill(self, plan: StepPlan) -> None:
         if not plan.prefill:
             return
-        logits = self.runner.prefill(plan.prefill)
+        output = self.runner.prefill(plan.prefill)
         completed = []
         for row, segment in enumerate(plan.prefill):
             self.scheduler.prefilled(segment)
+            scores = output.prompt_scores[row]
+            if scores is not None:
+                self._record_prompt_scores(segment.sequence, segment.start, scores)
             if segment.completes:
                 completed.append(row)
         if completed:
             sequences = [plan.prefill[row].sequence for row in completed]
             metrics.PROMPT_TOKENS.inc(sum(sequence.prompt_length for sequence in sequences))
+            logits = output.logits
             self._postprocess(sequences, logits[completed] if len(completed) < len(plan.prefill) else logits)
+
+    @staticmethod
+    def _record_prompt_scores(sequence: Sequence, start: int, scores: PromptScores) -> None:
+        """Append one segment's prompt scores: prompt position ``start + 1 + i`` gets ``scores[i]``."""
+        if start == 0:
+            sequence.prompt_tokens.append(PromptToken(sequence.prompt[0], None))
+        targets = sequence.prompt[start + 1 : start + 1 + scores.logprobs.shape[0]]
+        alternatives = _pairs(scores.top_ids, scores.top_logprobs) or [()] * len(targets)
+        for token, logprob, top in zip(targets, scores.logprobs.tolist(), alternatives, strict=True):
+            sequence.prompt_tokens.append(PromptToken(token, logprob, top))
 
     def _postprocess(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
         """Sample every row's next token, stream it, and retire the rows that finished."""
         chosen = sample(logits, self._sampling_batch(sequences))
         tokens, logprobs = chosen.tokens.tolist(), chosen.logprobs.tolist()
-        alternatives = self._alternatives(chosen)
+        alternatives = _pairs(chosen.top_ids, chosen.top_logprobs)
         metrics.GENERATION_TOKENS.inc(len(sequences))
         outbox: list[tuple[RequestHandle, TokenEvent | FinishEvent]] = []
         for row, sequence in enumerate(sequences):
@@ -287,21 +323,15 @@ class Engine:
     def _sampling_batch(self, sequences: list[Sequence]) -> SamplingBatch:
         params = [sequence.request.params for sequence in sequences]
         penalised = any(p.repetition_penalty != 1.0 for p in params)
+        device = self.runner.device
         return SamplingBatch.build(
             params,
             [len(sequence.generated) for sequence in sequences],
             [sequence.token_ids() for sequence in sequences] if penalised else None,
-            self.runner.device,
+            device,
+            grammar=self._grammar_masks.fill([sequence.matcher for sequence in sequences], device),
+            eos_token_ids=tuple(self.runner.eos_token_ids),
         )
-
-    @staticmethod
-    def _alternatives(chosen: SampledTokens) -> list[tuple[tuple[int, float], ...]]:
-        if chosen.top_ids is None or chosen.top_logprobs is None:
-            return []
-        return [
-            tuple(zip(ids, values, strict=True))
-            for ids, values in zip(chosen.top_ids.tolist(), chosen.top_logprobs.tolist(), strict=True)
-        ]
 
     def _append_token(
         self, sequence: Sequence, token: int, logprob: float, top: tuple[tuple[int, float], ...]
@@ -315,16 +345,27 @@ class Engine:
         previous_length = len(sequence.text)
         if not special:
             sequence.text += text
-        event = TokenEvent(token, text, logprob, special, top)
+        first = len(sequence.generated) == 1
+        event = TokenEvent(token, text, logprob, special, top, tuple(sequence.prompt_tokens) if first else ())
         sequence.tokens.append(event)
         params = sequence.request.params
-        if token in self.runner.eos_token_ids:
+        matcher = sequence.matcher
+        if matcher is not None and not matcher.consume_token(token):
+            # The mask only lets through tokens the matcher accepts, so this is a grammar-engine bug.
+            logger.error(
+                "grammar rejected token %d of request %s: %s", token, sequence.handle.request_id, matcher.get_error()
+            )
+            return event, "stop_sequence"
+        if token in self.runner.eos_token_ids and not params.ignore_eos:
             return event, "eos_token"
-        for stop in params.stop:
-            position = sequence.text.find(stop, max(0, previous_length - len(stop) + 1))
-            if position >= 0:
-                sequence.text = sequence.text[: position + len(stop)]
-                return event, "stop_sequence"
+        if matcher is not None and matcher.is_stopped():
+            return event, "eos_token"  # the text is complete and the grammar allows nothing more
+        if len(sequence.generated) >= params.min_tokens:
+            for stop in params.stop:
+                position = sequence.text.find(stop, max(0, previous_length - len(stop) + 1))
+                if position >= 0:
+                    sequence.text = sequence.text[: position + len(stop)]
+                    return event, "stop_sequence"
         if len(sequence.generated) >= params.max_new_tokens:
             return event, "length"
         return event, None
@@ -352,13 +393,23 @@ class Engine:
         metrics.E2E_LATENCY.observe(now - sequence.submitted_at)
         if sequence.first_token_at is not None and len(sequence.generated) > 1:
             metrics.TIME_PER_OUTPUT_TOKEN.observe((now - sequence.first_token_at) / (len(sequence.generated) - 1))
+        held_back = ""
         if reason not in ("cancelled", "stop_sequence"):
+            streamed = sequence.text
             sequence.text = self.tokenizer.decode(sequence.generated, skip_special_tokens=True)
+            # The incremental detokeniser holds back an incomplete UTF-8 character; the full decode has it.
+            held_back = sequence.text[len(streamed) :] if sequence.text.startswith(streamed) else ""
         for lease, _ in sequence.leases:
             lease.release()
         sequence.leases = []
         return FinishEvent(
-            reason, sequence.text, sequence.prompt_length, tuple(sequence.tokens), sequence.request.params.seed
+            reason,
+            sequence.text,
+            sequence.prompt_length,
+            tuple(sequence.tokens),
+            sequence.request.params.seed,
+            tuple(sequence.prompt_tokens),
+            held_back,
         )
 
     def _fail_all(self, *, waiting: bool = False) -> None:
@@ -371,3 +422,13 @@ class Engine:
                 self.scheduler.finish(sequence)
         for sequence in sequences:
             self._finish(sequence, "cancelled")
+
+
+def _pairs(ids: torch.Tensor | None, values: torch.Tensor | None) -> list[tuple[tuple[int, float], ...]]:
+    """Per row, the ``(token_id, logprob)`` alternatives of a top-k result (``[]`` when none was asked for)."""
+    if ids is None or values is None:
+        return []
+    return [
+        tuple(zip(row_ids, row_values, strict=True))
+        for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from server.engine.kv_cache import (
     PrefillSegmentLayout,
 )
 from server.engine.kv_cache_manager import RowMove
+from server.engine.sampler import PromptScores, score_tokens
 from server.engine.scheduler import PrefillSegment
 from server.engine.sequence import Sequence
 from server.spectral.bank import AdapterBank
@@ -61,6 +63,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class PrefillOutput:
+    logits: torch.Tensor  # [segments, vocab]: after each segment's last token
+    prompt_scores: list[PromptScores | None]  # per segment, for requests that asked for prompt logprobs
 
 
 class ModelRunner:
@@ -111,6 +119,8 @@ class ModelRunner:
         self.module_shapes = attach_routed_layers(self.model, self.bank)
         self.architecture = (getattr(self.model.config, "architectures", None) or [type(self.model).__name__])[0]
         self.eos_token_ids = eos_token_ids
+        # The logits' width: embedding tables are often padded past the tokenizer's vocabulary.
+        self.vocab_size = self.model.get_output_embeddings().out_features
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.kv_cache: KVCache | None = None
         self.decode_graphs: DecodeGraphs | None = None
@@ -155,8 +165,9 @@ class ModelRunner:
         assert self.kv_cache is not None
         self.kv_cache.move(moves)
 
-    def prefill(self, segments: list[PrefillSegment]) -> torch.Tensor:
-        """Write the segments' KV; fp32 logits after each segment's last token, ``[segments, vocab]``."""
+    def prefill(self, segments: list[PrefillSegment]) -> PrefillOutput:
+        """Write the segments' KV; fp32 logits after each segment's last token, and the prompt scores of
+        the segments whose request asked for ``prompt_logprobs``."""
         width = max(segment.length for segment in segments)
         input_ids = torch.full((len(segments), width), self.pad_token_id, dtype=torch.long)
         positions = torch.zeros(len(segments), width, dtype=torch.long)
@@ -174,14 +185,33 @@ class ModelRunner:
             assert segment.sequence.kv_row is not None
             layouts.append(PrefillSegmentLayout(segment.sequence.kv_row, segment.start, segment.length, visible))
         last = torch.tensor([[segment.length - 1] for segment in segments], device=self.device)
+        scored = [segment.sequence.request.params.prompt_logprobs is not None for segment in segments]
         sequences = [segment.sequence for segment in segments]
-        return self._forward(
+        # Scoring the prompt needs the logits at every position; the usual prefill keeps only the last.
+        logits = self._forward(
             input_ids.to(self.device),
             positions.to(self.device),
             PrefillLayout(tuple(layouts)),
             self.bank.row_routing([s.adapter_slots for s in sequences], [s.adapter_weights for s in sequences], width),
-            logits_to_keep=last,
+            logits_to_keep=0 if any(scored) else last,
         )
+        if not any(scored):
+            return PrefillOutput(logits, [None] * len(segments))
+        return PrefillOutput(
+            logits.gather(1, last[:, :, None].expand(-1, -1, logits.shape[2]))[:, 0],
+            [
+                self._prompt_scores(logits[row], segment) if wanted else None
+                for row, (segment, wanted) in enumerate(zip(segments, scored, strict=True))
+            ],
+        )
+
+    def _prompt_scores(self, logits: torch.Tensor, segment: PrefillSegment) -> PromptScores:
+        """Position ``i`` of the segment predicts prompt token ``start + i + 1``; the last position of the
+        prompt's final segment predicts the first generated token, which is the sampler's."""
+        prompt = segment.sequence.prompt
+        targets = prompt[segment.start + 1 : segment.end + 1]
+        top = segment.sequence.request.params.prompt_logprobs or 0
+        return score_tokens(logits[: len(targets)], torch.tensor(targets, device=self.device), top)
 
     def decode(self, sequences: list[Sequence], *, bucketed: bool | None = None) -> torch.Tensor:
         """One token for each running row (rows ``0 .. B-1``); fp32 logits ``[B, vocab]``.
@@ -254,7 +284,8 @@ class ModelRunner:
         routing: Routing,
         logits_to_keep: int | torch.Tensor = 1,
     ) -> torch.Tensor:
-        """One routed forward; fp32 logits at each row's kept position, ``[rows, vocab]``."""
+        """One routed forward; fp32 logits at each row's kept position, ``[rows, vocab]``, or at every
+        position, ``[rows, positions, vocab]``, for ``logits_to_keep=0``."""
         assert self.kv_cache is not None, "allocate_kv_cache first"
         # A 4-D mask makes transformers skip building its own (which inspects the inputs on the host);
         # spectra_attention reads the layout instead.
@@ -267,4 +298,9 @@ class ModelRunner:
                 use_cache=False,
                 logits_to_keep=logits_to_keep,
             )
-        return output.logits[:, -1, :].float()
+        # logits_to_keep=0 keeps every position ([rows, positions, vocab]); otherwise one per row.
+        return (
+            output.logits.float()
+            if isinstance(logits_to_keep, int) and logits_to_keep == 0
+            else (output.logits[:, -1, :].float())
+        )

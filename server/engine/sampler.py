@@ -6,18 +6,21 @@ top-p filtering and a Gumbel-max draw (``argmax(scores + Gumbel noise)`` is an e
 from ``softmax(scores)``). The noise is a counter-based hash of ``(seed, token index, vocab
 id)`` (splitmix64), not a stateful generator: a row's draws depend on its seed and position
 only, never on what else is in the batch or on the device, and need no per-row Python.
-A row whose filtered scores are not finite (an extreme temperature or penalty) takes the
-greedy choice, the limit of such settings. Reported logprobs are the model's own (before
+Tokens a row may not choose (its grammar's mask, eos before ``min_tokens``) are removed
+before either choice. A row whose filtered scores are not finite (an extreme temperature or
+penalty) takes the greedy choice, the limit of such settings. Reported logprobs are the model's own (before
 penalties, temperature and filtering), as TGI and vLLM report them, with the ``top_logprobs``
 most likely alternatives when a row asks for them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from server.engine.grammar import RowMasks
 from server.engine.types import SamplingParams
 
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
@@ -60,16 +63,31 @@ class SamplingBatch:
     top_k_max: int  # the largest top_k of a sampled row, 0 when none filters
     any_top_p: bool
     top_logprobs: int
+    grammar: RowMasks | None  # the constrained rows' allowed tokens
+    eos_banned: torch.Tensor | None  # [B, 1] bool: rows that may not choose eos yet (min_tokens)
+    eos_ids: torch.Tensor | None  # [E] long
 
     @classmethod
     def build(
-        cls, params: list[SamplingParams], counters: list[int], seen: list[list[int]] | None, device: torch.device
+        cls,
+        params: list[SamplingParams],
+        counters: list[int],
+        seen: list[list[int]] | None,
+        device: torch.device,
+        *,
+        grammar: RowMasks | None = None,
+        eos_token_ids: tuple[int, ...] = (),
     ) -> SamplingBatch:
+        """``grammar``: the constrained rows' allowed tokens (``GrammarMasks.fill``); ``eos_token_ids`` are
+        banned in the rows that have not yet generated their ``min_tokens``."""
+
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         greedy = [p.greedy for p in params]
         sampled = [p for p, g in zip(params, greedy, strict=True) if not g]
+        banned_eos = [counter < p.min_tokens for p, counter in zip(params, counters, strict=True)]
+        banning = bool(eos_token_ids) and any(banned_eos)
         seen_tensor = None
         if seen is not None:
             width = max(len(ids) for ids in seen)
@@ -89,6 +107,9 @@ class SamplingBatch:
             top_k_max=max((p.top_k for p in sampled), default=0),
             any_top_p=any(p.top_p < 1.0 for p in sampled),
             top_logprobs=max(p.top_logprobs for p in params),
+            grammar=grammar,
+            eos_banned=tensor(banned_eos, torch.bool)[:, None] if banning else None,
+            eos_ids=tensor(sorted(eos_token_ids), torch.long) if banning else None,
         )
 
 
@@ -126,6 +147,12 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampledTokens:
     """Choose one token per row of fp32 ``logits`` ``[B, vocab]``."""
     logprobs = torch.log_softmax(logits, dim=-1)  # on CPU faster than logsumexp alone (0.75 vs 1.24 ms, 32 x 32k)
     scores = logits if batch.seen is None else _penalised(logits, batch.seen, batch.penalty)
+    if batch.grammar is not None:
+        rows = batch.grammar.rows
+        scores = scores.index_put((rows,), scores.index_select(0, rows).masked_fill(~batch.grammar.allowed, -math.inf))
+    if batch.eos_banned is not None and batch.eos_ids is not None:
+        eos_scores = scores.index_select(1, batch.eos_ids)
+        scores = scores.index_copy(1, batch.eos_ids, eos_scores.masked_fill(batch.eos_banned, -math.inf))
     tokens = scores.argmax(dim=-1)
     if batch.any_sampled:
         filtered = _filtered(scores / batch.temperature[:, None], batch)
@@ -138,3 +165,22 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampledTokens:
         return SampledTokens(tokens, chosen, None, None)
     top = logprobs.topk(min(batch.top_logprobs, logprobs.shape[1]), dim=-1)
     return SampledTokens(tokens, chosen, top.indices, top.values)
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """Log-probabilities of given tokens under the model, as :class:`SampledTokens` reports chosen ones."""
+
+    logprobs: torch.Tensor  # [n]
+    top_ids: torch.Tensor | None  # [n, k]
+    top_logprobs: torch.Tensor | None  # [n, k]
+
+
+def score_tokens(logits: torch.Tensor, targets: torch.Tensor, top: int) -> PromptScores:
+    """``targets[i]``'s log-probability under fp32 ``logits[i]``, with the ``top`` most likely alternatives."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0]
+    if top == 0:
+        return PromptScores(chosen, None, None)
+    alternatives = logprobs.topk(min(top, logprobs.shape[1]), dim=-1)
+    return PromptScores(chosen, alternatives.indices, alternatives.values)

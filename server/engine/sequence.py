@@ -3,7 +3,8 @@
 A sequence goes WAITING -> PREFILLING (one step for a prompt within the prefill budget,
 several for a longer one) -> RUNNING (one token per step) -> finished. The scheduler and the
 KV-cache manager move it between states and rows; the model runner reads its tokens,
-``cached_tokens`` and ``adapter_slots``; postprocessing appends what the sampler chose.
+``cached_tokens`` and ``adapter_slots``; postprocessing appends what the sampler chose (and
+feeds it to the grammar's ``matcher``, for constrained requests).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+from llguidance import LLMatcher
+
 from server.engine.adapters import AdapterLease
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.handle import RequestHandle
-from server.engine.types import GenerationRequest, TokenEvent
+from server.engine.types import GenerationRequest, PromptToken, TokenEvent
 
 
 class SequenceStatus(Enum):
@@ -40,6 +43,8 @@ class Sequence:
     text: str = ""
     submitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    matcher: LLMatcher | None = None  # the grammar's parser state, for constrained requests
+    prompt_tokens: list[PromptToken] = field(default_factory=list)  # scored in the prefill, on request
 
     @property
     def prompt(self) -> list[int]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled"]
+GrammarKind = Literal["json_schema", "regex", "choice", "lark"]
 
 
 class EngineError(Exception):
@@ -44,8 +45,26 @@ class EngineStoppedError(EngineError):
 
 
 @dataclass(frozen=True)
+class Grammar:
+    """What a row's text must match (``grammar.py``): ``value`` is a JSON schema as JSON text, a regex,
+    a JSON list of choice strings, or a Lark (or GBNF) grammar; ``param`` is the request field that
+    errors name."""
+
+    kind: GrammarKind
+    value: str
+    param: str = "response_format"
+
+
+@dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding settings; defaults give greedy decoding."""
+    """Per-request decoding settings; defaults give greedy decoding.
+
+    ``min_tokens``: eos cannot be chosen, and stop sequences do not end the request, before this
+    many tokens. ``ignore_eos``: eos does not end the request (benchmark clients send it so every
+    request generates exactly ``max_new_tokens``). ``prompt_logprobs``: when not ``None``, the
+    prefill also scores every prompt token, with that many alternatives each. ``grammar``: the
+    text must match it (constrained decoding).
+    """
 
     max_new_tokens: int = 64
     do_sample: bool = False
@@ -56,6 +75,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    prompt_logprobs: int | None = None
+    grammar: Grammar | None = None
 
     @property
     def greedy(self) -> bool:
@@ -73,15 +96,27 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class PromptToken:
+    """One prompt token as the model scored it: ``logprob`` is ``None`` for the first (nothing
+    predicts it); ``top_logprobs`` as in :class:`TokenEvent`."""
+
+    token_id: int
+    logprob: float | None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token; ``top_logprobs`` holds the ``SamplingParams.top_logprobs`` most likely
-    ``(token_id, logprob)`` alternatives at its position, most likely first."""
+    ``(token_id, logprob)`` alternatives at its position, most likely first. The first token of a
+    request that asked for ``prompt_logprobs`` carries them in ``prompt``."""
 
     token_id: int
     text: str
     logprob: float
     special: bool
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    prompt: tuple[PromptToken, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +126,9 @@ class FinishEvent:
     prompt_tokens: int
     tokens: tuple[TokenEvent, ...]
     seed: int | None
+    prompt: tuple[PromptToken, ...] = ()
+    # Text of the last tokens that no TokenEvent carried: bytes of a UTF-8 character left incomplete at the end.
+    held_back: str = ""
 
     @property
     def generated_tokens(self) -> int:

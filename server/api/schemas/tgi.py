@@ -1,8 +1,10 @@
 """TGI / LoRAX ``/generate`` bodies, as huggingface_hub's ``InferenceClient.text_generation`` parses them.
 
 Unknown parameters are ignored, as TGI does (lorax-client sends every field it knows, mostly null).
-Parameters TGI defines that change the output but that Spectra does not implement are declared
-so that anything but their neutral value is a 422 rather than a silently different result.
+Parameters TGI or LoRAX define that change the output but that Spectra does not implement are
+declared so that anything but their neutral value is a 422 rather than a silently different result.
+``details`` carries both TGI's and LoRAX's prompt length (``input_length``, ``prompt_tokens``):
+lorax-client refuses a response without ``prompt_tokens``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from server.api.schemas.common import (
     TopK,
     TopP,
 )
+from server.api.schemas.structured import ResponseFormat, TgiGrammar
 
 TgiFinishReason = Literal["length", "eos_token", "stop_sequence"]
 _UNSUPPORTED = "Not supported by Spectra: only the neutral value (or null) is accepted."
@@ -42,14 +45,27 @@ class GenerateParameters(BaseModel):
     repetition_penalty: RepetitionPenalty | None = None
     details: bool = False
     return_full_text: bool = False
-    decoder_input_details: bool = Field(False, description="Accepted for compatibility; prefill is always [].")
+    decoder_input_details: bool = Field(
+        False, description="With details: the prompt's tokens and their logprobs in details.prefill (first null)."
+    )
     best_of: Literal[1] | None = Field(None, description=_UNSUPPORTED)
     watermark: Literal[False] | None = Field(None, description=_UNSUPPORTED)
     truncate: None = Field(None, description=_UNSUPPORTED)
     typical_p: Annotated[float, Field(ge=1, le=1)] | None = Field(None, description=_UNSUPPORTED)
-    top_n_tokens: Literal[0] | None = Field(None, description=_UNSUPPORTED)
+    top_n_tokens: Annotated[int, Field(ge=0, le=20)] | None = Field(
+        None, description="The n most likely tokens at each generated position (details.top_tokens)."
+    )
     frequency_penalty: Annotated[float, Field(ge=0, le=0)] | None = Field(None, description=_UNSUPPORTED)
-    grammar: None = Field(None, description=_UNSUPPORTED)
+    grammar: TgiGrammar | None = Field(None, description="TGI: the output matches this JSON schema or regex.")
+    response_format: ResponseFormat | None = Field(
+        None, description='LoRAX: {"type": "json_object", "schema": {...}}; excludes grammar.'
+    )
+    # LoRAX's own parameters (lorax-client sends them all, null or false by default).
+    adapter_source: None = Field(None, description="LoRAX: Spectra serves only adapters in its store; send null.")
+    merged_adapters: None = Field(None, description="LoRAX: use `adapters` (a weighted blend) instead.")
+    api_token: str | None = Field(None, description="LoRAX: ignored; send the key as `Authorization: Bearer`.")
+    ignore_eos_token: bool | None = Field(None, description="LoRAX: keep generating past eos, to max_new_tokens.")
+    return_k_alternatives: None = Field(None, description=_UNSUPPORTED)
 
     @field_validator("adapters")
     @classmethod
@@ -79,11 +95,15 @@ class PrefillToken(BaseModel):
 
 
 class Details(BaseModel):
+    """``top_tokens``: per generated token, the ``top_n_tokens`` most likely (empty unless asked for)."""
+
     finish_reason: TgiFinishReason
+    prompt_tokens: int = Field(description="LoRAX's field; TGI has none here.")
     generated_tokens: int
     seed: int | None = None
     prefill: list[PrefillToken] = Field(default_factory=list)
     tokens: list[Token]
+    top_tokens: list[list[Token]] = Field(default_factory=list)
 
 
 class GenerateResponse(BaseModel):
@@ -95,7 +115,8 @@ class StreamDetails(BaseModel):
     finish_reason: TgiFinishReason
     generated_tokens: int
     seed: int | None = None
-    input_length: int
+    input_length: int = Field(description="TGI's name for the prompt's length.")
+    prompt_tokens: int = Field(description="LoRAX's name for the same.")
 
 
 class StreamResponse(BaseModel):
@@ -103,5 +124,6 @@ class StreamResponse(BaseModel):
 
     index: int
     token: Token
+    top_tokens: list[Token] = Field(default_factory=list)
     generated_text: str | None = None
     details: StreamDetails | None = None
