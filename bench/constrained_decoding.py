@@ -38,6 +38,7 @@ import cProfile
 import io
 import json
 import pstats
+import random
 import re
 import statistics
 import tempfile
@@ -56,7 +57,7 @@ from bench.common import cpu_model, load_1min, report_header, wait_for_quiet_mac
 from bench.serve_throughput import MODELS, build_model, describe_model, make_prompts
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine
-from server.engine.grammar import GrammarMasks
+from server.engine.grammar import GrammarMasks, llguidance_grammar
 from server.engine.model_runner import ModelRunner
 from server.engine.sampler import SamplingBatch, sample
 from server.engine.types import FinishEvent, GenerationRequest, Grammar, SamplingParams
@@ -538,6 +539,61 @@ def print_table(result: dict) -> None:
         print(f"sampler: {result['sampler']}; grammar matcher(): {result['grammar_costs']}")
 
 
+class SyntheticTokenizer:
+    """A vocabulary of ``size`` tokens for llguidance: the 256 bytes, then deterministic pseudo-words and JSON
+    fragments (``"``, ``":``, digits, ...). No real tokenizer of that size is available offline; what the mask
+    costs depends on the vocabulary's size and its trie, which this approximates."""
+
+    def __init__(self, size: int):
+        rng = random.Random(size)
+        pieces = [b'"', b'":', b'",', b"{", b"}", b"[", b"]", b",", b" ", b"\n"]
+        alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789 _-"
+        words = {bytes([byte]) for byte in range(256)}
+        tokens = [bytes([byte]) for byte in range(256)]
+        while len(tokens) < size - 1:
+            word = bytes(rng.choice(alphabet) for _ in range(rng.randint(2, 9)))
+            word = rng.choice(pieces) + word if rng.random() < 0.2 else word
+            if word not in words:
+                words.add(word)
+                tokens.append(word)
+        tokens.append(b"<|eos|>")
+        self.tokens = tokens
+        self.eos_token_id = len(tokens) - 1
+        self.bos_token_id = None
+        self.special_token_ids = [self.eos_token_id]
+
+    def __call__(self, text: bytes) -> list[int]:
+        return list(text)
+
+
+def mask_cost_at_vocab(size: int, new_tokens: int, steps: int = 40) -> dict[str, float]:
+    """``GrammarMasks.fill`` for 32 JSON-array rows over a synthetic vocabulary of ``size``: ms per step."""
+    tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(SyntheticTokenizer(size)))
+    grammar = llguidance_grammar(Grammar("json_schema", array_schema(new_tokens, SHARED_MAXIMUM)))
+    began = time.perf_counter()
+    compiled = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+    compile_ms = 1000 * (time.perf_counter() - began)
+    matchers = [compiled.deep_copy() for _ in range(ROWS)]
+    masks = GrammarMasks(size)
+    fill_ms, consume_ms = [], []
+    for step in range(steps):
+        began = time.perf_counter()
+        masks.fill(matchers, torch.device("cpu"))
+        fill_ms.append(1000 * (time.perf_counter() - began))
+        # "[", then two-digit numbers without a leading zero: "[12,45,78,..."
+        token = ord("[") if step == 0 else ord(",") if step % 3 == 0 else ord(str(1 + step % 9))
+        began = time.perf_counter()
+        for matcher in matchers:
+            assert matcher.consume_token(token), matcher.get_error()
+        consume_ms.append(1000 * (time.perf_counter() - began))
+    return {
+        "vocab": size,
+        "compile_ms": round(compile_ms, 2),
+        "fill_ms_per_step": round(statistics.median(fill_ms), 3),
+        "consume_ms_per_step": round(statistics.median(consume_ms), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 48 new tokens, 3 repeats: a smoke test")
@@ -550,6 +606,9 @@ def main() -> None:
     parser.add_argument("--profile-top", type=int, default=25)
     parser.add_argument("--max-load", type=float, default=1.0, help="wait for a 1-minute load below this")
     parser.add_argument("--load-wait-s", type=float, default=600.0, help="give up waiting for the load after this")
+    parser.add_argument(
+        "--vocab-sizes", type=int, nargs="*", default=[32_000, 128_256], help="synthetic vocabularies for mask cost"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "constrained_decoding.json")
     args = parser.parse_args()
     if args.quick:
@@ -567,6 +626,9 @@ def main() -> None:
         results = [run_model(name, Path(tmp), args) for name in args.models]
     for result in results:
         print_table(result)
+    vocab_costs = [mask_cost_at_vocab(size, args.new_tokens) for size in args.vocab_sizes]
+    for cost in vocab_costs:
+        print(f"mask cost, 32 JSON rows, synthetic vocabulary of {cost['vocab']}: {cost}")
     load_at_end = load_1min()
     print(f"\nload (1 min) at start {load_at_start:.2f}, at end {load_at_end:.2f}; {time.perf_counter() - began:.0f}s")
     report = {
@@ -580,6 +642,7 @@ def main() -> None:
         },
         "target": {"constrained/free": TARGET},
         "results": results,
+        "mask_cost_by_vocab": vocab_costs,
     }
     write_report(report, args.out)
 

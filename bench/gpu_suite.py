@@ -10,7 +10,9 @@ FourierFT adapters (n=1000, PEFT's default location seed, so all share one locat
 3. ``adapters``: 64 and 256 rows with distinct adapters, as a fraction of the base at that batch;
 4. ``resident_10k``: 256 rows with distinct adapters while 10,000 adapters are resident in the bank;
 5. ``ttft``: time to first token of one 512-token prompt on an idle engine (median of 5);
-6. ``peers``: ``transformers``' ``generate_batch`` (base) and PEFT FourierFT (one adapter, one
+6. ``json_constrained``: 256 rows under a JSON-schema grammar (llguidance masks, unpacked and applied
+   on the device) against the base model at that batch;
+7. ``peers``: ``transformers``' ``generate_batch`` (base) and PEFT FourierFT (one adapter, one
    ``generate`` batch: PEFT cannot mix adapters in a batch) on the same device, same batch, same
    new tokens.
 
@@ -21,7 +23,7 @@ is excluded; each cell generates ``--new-tokens`` per row. Writes ``results.json
 ``--tiny --device cpu`` runs the same code on the default tiny model at small sizes (the test suite
 does, in seconds), so a GPU's first minutes measure instead of debugging.
 
-On the GPU machine (torch, transformers, peft there; no pydantic): carry the wheels that
+On the GPU machine (torch, transformers, peft there; no pydantic, no llguidance): carry the wheels that
 ``make gpu-wheels`` downloads into ``.whl`` and run::
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
@@ -52,7 +54,7 @@ from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine
 from server.engine.handle import RequestHandle
 from server.engine.model_runner import ModelRunner
-from server.engine.types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from server.engine.types import FinishEvent, GenerationRequest, Grammar, SamplingParams, TokenEvent
 from server.models.embedded import tiny_llama_config
 from server.models.tokenizer import build_byte_tokenizer
 from server.settings import ServerSettings
@@ -142,12 +144,19 @@ def prompt_ids(index: int, length: int) -> list[int]:
     return [256] + [(97 + index + position) % 26 + 97 for position in range(length - 1)]
 
 
-async def decode_rate(engine: Engine, adapters: list[str | None], new_tokens: int) -> dict:
+def integer_array(new_tokens: int) -> Grammar:
+    """A JSON array that cannot close within ``new_tokens`` (each item takes two tokens or more)."""
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": new_tokens}
+    return Grammar("json_schema", json.dumps(schema))
+
+
+async def decode_rate(
+    engine: Engine, adapters: list[str | None], new_tokens: int, grammar: Grammar | None = None
+) -> dict:
     """Decode tokens/s of one burst: from the moment every row has its first token to the end."""
+    params = SamplingParams(max_new_tokens=new_tokens, grammar=grammar)
     handles = [
-        engine.submit(
-            GenerationRequest(prompt_ids(index, 16), SamplingParams(max_new_tokens=new_tokens), {a: 1.0} if a else {})
-        )
+        engine.submit(GenerationRequest(prompt_ids(index, 16), params, {a: 1.0} if a else {}))
         for index, a in enumerate(adapters)
     ]
 
@@ -239,11 +248,15 @@ async def engine_cells(
     for slot in loaded:
         bank.unload(slot)
     first_token_ms = round(1000 * await ttft(engine, sizes.ttft_prompt), 1)
+    rows = max(sizes.batches)
+    constrained = await decode_rate(engine, [None] * rows, sizes.new_tokens, integer_array(sizes.new_tokens))
+    constrained["vs_base"] = round(constrained["tokens_per_s"] / base[rows]["tokens_per_s"], 3)
     return {
         "base_decode": base,
         "adapters": adapters,
         "resident_10k": resident,
         "ttft": {"prompt_tokens": sizes.ttft_prompt, "ms": first_token_ms},
+        "json_constrained": constrained,
     }
 
 
@@ -259,6 +272,10 @@ def markdown(report: dict) -> str:
     lines.append(
         f"| {cell['resident']} resident, distinct in use | {cell['rows']} | {cell['tokens_per_s']} "
         f"| {cell['vs_base']} of base |"
+    )
+    cell = report["json_constrained"]
+    lines.append(
+        f"| JSON-schema rows (llguidance masks) | {cell['rows']} | {cell['tokens_per_s']} | {cell['vs_base']} of base |"
     )
     for name, cell in report["peers"].items():
         lines.append(f"| {name} | {cell['rows']} | {cell['tokens_per_s']} | Spectra / this: {cell['spectra_over']} |")

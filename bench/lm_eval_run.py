@@ -52,7 +52,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from bench.common import cpu_model, load_1min, report_header, running_server, wait_for_quiet_machine, write_report
-from bench.lm_eval_tasks import GEN_TASK, MC_TASK, ROLLING_TASK, TASKS, generated_docs, write_tasks
+from bench.lm_eval_tasks import GEN_TASK, MC_TASK, REPRODUCIBLE, ROLLING_TASK, TASKS, generated_docs, write_tasks
 from server.models.embedded import ensure_default_model
 
 ADAPTER_ID = "alpha"
@@ -110,12 +110,7 @@ def evaluate(lm: Any, manager: TaskManager) -> tuple[dict, float]:
         model=lm,
         tasks=list(TASKS),
         task_manager=manager,
-        log_samples=True,
-        bootstrap_iters=0,
-        random_seed=0,
-        numpy_random_seed=0,
-        torch_random_seed=0,
-        fewshot_random_seed=0,
+        **REPRODUCIBLE,
     )
     wall = time.perf_counter() - started
     assert results is not None

@@ -180,3 +180,14 @@ def generated_docs(seed: int, mc: int = 40, rolling: int = 4, gen: int = 10) -> 
             prompt, target = f"{a} + {b} =", f" {a + b}"
         gen_docs.append({"prompt": prompt, "target": target})
     return mc_docs, rolling_docs, gen_docs
+
+
+# What both the test and the benchmark pass to simple_evaluate: per-sample logs, no bootstrap, fixed seeds.
+REPRODUCIBLE = {
+    "log_samples": True,
+    "bootstrap_iters": 0,
+    "random_seed": 0,
+    "numpy_random_seed": 0,
+    "torch_random_seed": 0,
+    "fewshot_random_seed": 0,
+}

@@ -388,3 +388,43 @@ def test_chat_n_choices_with_logprobs(http_server: Server) -> None:
     assert [choice.index for choice in completion.choices] == [0, 1, 2]
     assert all(len(choice.logprobs.content) >= 1 for choice in completion.choices)
     assert len({json.dumps([e.logprob for e in c.logprobs.content]) for c in completion.choices}) == 3
+
+
+@pytest.mark.parametrize("adapter", [None, "alpha"], ids=["base", "alpha"])
+def test_tgi_decoder_input_details_and_top_n_tokens(
+    http_server: Server, tokenizer: AutoTokenizer, adapter: str | None
+) -> None:
+    """huggingface_hub's text_generation with TGI's ``decoder_input_details`` and ``top_n_tokens``: the prefill
+    is the prompt scored by the model (PEFT for the adapter), and each token's alternatives are its top n."""
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(base_url=http_server.base_url)
+    output = client.text_generation(
+        SCORED_TEXT,
+        max_new_tokens=4,
+        details=True,
+        decoder_input_details=True,
+        top_n_tokens=3,
+        adapter_id=adapter,
+    )
+    ids = tokenizer.encode(SCORED_TEXT)
+    prefill = output.details.prefill
+    assert [token.id for token in prefill] == ids
+    assert prefill[0].logprob is None
+    expected = reference_logprobs(http_server, adapter, ids)
+    for position, token in enumerate(prefill[1:], start=1):
+        assert token.logprob == pytest.approx(float(expected[position - 1, ids[position]]), abs=1e-4)
+    assert len(output.details.top_tokens) == len(output.details.tokens) == 4
+    for chosen, top in zip(output.details.tokens, output.details.top_tokens, strict=True):
+        # huggingface_hub leaves the nested top_tokens lists as plain dicts.
+        values = [alternative["logprob"] for alternative in top]
+        assert len(top) == 3 and values == sorted(values, reverse=True)
+        assert values[0] >= chosen.logprob - 1e-6
+        assert top[0]["id"] == chosen.id, "greedy: the chosen token is the most likely one"
+    streamed = list(
+        client.text_generation(
+            SCORED_TEXT, max_new_tokens=4, details=True, top_n_tokens=2, stream=True, adapter_id=adapter
+        )
+    )
+    assert [event.token.id for event in streamed] == [token.id for token in output.details.tokens]
+    assert all(len(event.top_tokens) == 2 for event in streamed)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from server.engine.engine import Engine
+from server.engine.grammar import unpack_with_numpy, unpack_with_shifts
 from server.engine.types import FinishEvent, GenerationRequest, Grammar, InvalidRequestError, SamplingParams
 from tests.engine_fixtures import make_engine, random_adapter
 
@@ -36,6 +37,7 @@ def engine(tiny_llama_dir, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     # A small prefill budget makes a long prompt prefill in several chunks.
     engine = make_engine(tiny_llama_dir, tmp_path_factory.mktemp("store"), max_batch_size=8, prefill_token_budget=16)
     engine.registry.register("a", random_adapter(engine.runner.module_shapes, 5))
+    engine.registry.register("b", random_adapter(engine.runner.module_shapes, 6, method="sdctft"))
     engine.start()
     yield engine
     engine.stop()
@@ -48,31 +50,33 @@ def _run(engine: Engine, *requests: GenerationRequest) -> list[FinishEvent]:
     return asyncio.run(go())
 
 
-def _reference_logprobs(engine: Engine, prompt: list[int], adapter: str | None) -> torch.Tensor:
+def _reference_logprobs(engine: Engine, prompt: list[int], blend: dict[str, float]) -> torch.Tensor:
     """log p(prompt[i] | prompt[:i]) for i >= 1 from one full forward, outside the serving path."""
     runner = engine.runner
-    lease = engine.registry.lease(adapter) if adapter else None
+    leases = [engine.registry.lease(adapter_id) for adapter_id in blend]
     try:
-        slots = [[lease.slot()]] if lease else [[]]
-        weights = [[1.0]] if lease else [[]]
-        with torch.inference_mode(), runner.bank.routed(runner.bank.row_routing(slots, weights, len(prompt))):
+        routing = runner.bank.row_routing([[lease.slot() for lease in leases]], [list(blend.values())], len(prompt))
+        with torch.inference_mode(), runner.bank.routed(routing):
             logits = runner.model(input_ids=torch.tensor([prompt])).logits[0].float()
     finally:
-        if lease:
+        for lease in leases:
             lease.release()
     return torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("adapter", [None, "a"], ids=["base", "adapter"])
+BLENDS = {"base": {}, "adapter": {"a": 1.0}, "blend": {"a": 0.7, "b": 0.3}}
+
+
+@pytest.mark.parametrize("blend", list(BLENDS.values()), ids=list(BLENDS))
 @pytest.mark.parametrize("words", [3, 20], ids=["one-chunk", "chunked"])
-def test_prompt_logprobs_equal_a_full_forward(engine: Engine, adapter: str | None, words: int) -> None:
+def test_prompt_logprobs_equal_a_full_forward(engine: Engine, blend: dict[str, float], words: int) -> None:
     prompt = engine.tokenizer.encode(" ".join(["spectral"] * words))
     params = SamplingParams(max_new_tokens=1, prompt_logprobs=3)
-    (finish,) = _run(engine, GenerationRequest(prompt, params, {adapter: 1.0} if adapter else {}))
+    (finish,) = _run(engine, GenerationRequest(prompt, params, blend))
     scored = finish.prompt
     assert [token.token_id for token in scored] == prompt
     assert scored[0].logprob is None
-    expected = _reference_logprobs(engine, prompt, adapter)
+    expected = _reference_logprobs(engine, prompt, blend)
     got = torch.tensor([token.logprob for token in scored[1:]])
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
     for token in scored[1:]:
@@ -185,3 +189,12 @@ def test_min_tokens_above_max_tokens_is_a_422(engine: Engine) -> None:
 
     with pytest.raises(InvalidRequestError, match="min_tokens"):
         asyncio.run(submit())
+
+
+def test_both_mask_unpackings_agree_token_for_token() -> None:
+    """The CPU path (numpy) and the device path (shifts) read llguidance's bit order the same way."""
+    words = torch.randint(-(2**31), 2**31 - 1, (5, 9), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
+    vocab = 9 * 32 - 7
+    shifted = unpack_with_shifts(words, vocab)
+    assert torch.equal(unpack_with_numpy(words, vocab), shifted)
+    assert bool(shifted[0, 33]) == bool((int(words[0, 1]) >> 1) & 1), "bit i of word w is token 32 w + i"

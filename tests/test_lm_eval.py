@@ -40,7 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lm_eval
 from lm_eval.tasks import TaskManager
 
-from bench.lm_eval_tasks import GEN_TASK, MC_TASK, ROLLING_TASK, write_tasks
+from bench.lm_eval_tasks import GEN_TASK, MC_TASK, REPRODUCIBLE, ROLLING_TASK, write_tasks
 
 if TYPE_CHECKING:  # imported for real by pytest_plugins only, so that pytest can rewrite its asserts
     from tests.http_fixtures import Server
@@ -95,12 +95,7 @@ def _evaluate(
         model_args=model_args,
         tasks=tasks,
         task_manager=manager,
-        log_samples=True,
-        bootstrap_iters=0,
-        random_seed=0,
-        numpy_random_seed=0,
-        torch_random_seed=0,
-        fewshot_random_seed=0,
+        **REPRODUCIBLE,
         **kwargs,
     )
     assert results is not None

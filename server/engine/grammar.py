@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import torch
 from llguidance.gbnf_to_lark import any_to_lark
 from transformers import PreTrainedTokenizerBase
@@ -127,7 +128,7 @@ class GrammarMasks:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
         self._words = -(-vocab_size // MASK_BITS)
-        self._bits = torch.arange(MASK_BITS, dtype=torch.int32)
+        self._executor = llguidance.LLExecutor()
 
     def fill(self, matchers: list[llguidance.LLMatcher | None], device: torch.device) -> RowMasks | None:
         """The masks on ``device``, or ``None`` when no row is constrained."""
@@ -135,12 +136,34 @@ class GrammarMasks:
         if not constrained:
             return None
         bitmask = torch.empty((len(constrained), self._words), dtype=torch.int32)
-        stride = self._words * bitmask.element_size()
-        for position, (_, matcher) in enumerate(constrained):
-            matcher.unsafe_compute_mask_ptr(bitmask[position].data_ptr(), stride)
+        # One call for all rows: llguidance's executor spreads them over its threads, and the GIL is
+        # released once per step rather than once per row.
+        self._executor.unsafe_compute_mask_ptr(
+            [(matcher, position) for position, (_, matcher) in enumerate(constrained)],
+            bitmask.data_ptr(),
+            self._words * bitmask.element_size(),
+            len(constrained),
+        )
         rows = torch.tensor([row for row, _ in constrained], dtype=torch.long)
-        # Unpacked on the device: one small copy of the packed words, not of a [rows, vocab] tensor.
-        bitmask = bitmask.to(device, non_blocking=True)
-        bits = (bitmask[:, :, None] >> self._bits.to(device, non_blocking=True)) & 1
-        allowed = bits.reshape(len(constrained), -1)[:, : self.vocab_size].bool()
-        return RowMasks(rows.to(device, non_blocking=True), allowed)
+        return RowMasks(rows.to(device, non_blocking=True), self._unpacked(bitmask, device))
+
+    def _unpacked(self, bitmask: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Bit ``i`` of word ``w`` is token ``32 w + i``. On CPU numpy's unpackbits is ~30x faster than tensor
+        shifts at a 128k vocabulary (0.8 vs 24-32 ms for 32 rows); elsewhere only the packed words travel to
+        the device (1/8 of a bool mask) and are unpacked there."""
+        if device.type == "cpu":
+            return unpack_with_numpy(bitmask, self.vocab_size)
+        return unpack_with_shifts(bitmask.to(device, non_blocking=True), self.vocab_size)
+
+
+def unpack_with_numpy(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[rows, words]`` int32 (on the CPU) -> ``[rows, vocab_size]`` bool; int32 words are little-endian."""
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=vocab_size, bitorder="little")
+    return torch.from_numpy(bits.view(np.bool_))
+
+
+def unpack_with_shifts(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The same on any device, in tensor ops."""
+    shifts = torch.arange(MASK_BITS, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask[:, :, None] >> shifts) & 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()

@@ -149,7 +149,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampledTokens:
     scores = logits if batch.seen is None else _penalised(logits, batch.seen, batch.penalty)
     if batch.grammar is not None:
         rows = batch.grammar.rows
-        scores = scores.index_put((rows,), scores.index_select(0, rows).masked_fill(~batch.grammar.allowed, -math.inf))
+        masked = torch.where(batch.grammar.allowed, scores.index_select(0, rows), -math.inf)
+        scores = scores.index_put((rows,), masked)
     if batch.eos_banned is not None and batch.eos_ids is not None:
         eos_scores = scores.index_select(1, batch.eos_ids)
         scores = scores.index_copy(1, batch.eos_ids, eos_scores.masked_fill(batch.eos_banned, -math.inf))
