@@ -6,10 +6,7 @@ import hashlib
 from pathlib import Path
 
 from adapters_store.durable import write_atomically
-
-
-class BlobCorruptError(RuntimeError):
-    """A blob whose bytes no longer hash to its name."""
+from adapters_store.errors import BlobCorruptError
 
 
 class BlobStore:

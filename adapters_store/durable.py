@@ -10,9 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import TextIO
 
-
-class StoreLockedError(RuntimeError):
-    """Another process has the store open; two writers would corrupt each other's recovery."""
+from adapters_store.errors import StoreLockedError
 
 
 def fsync_dir(directory: Path) -> None:

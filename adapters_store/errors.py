@@ -1,29 +1,20 @@
-"""Errors raised while reading or validating adapter files; each maps to one HTTP status."""
+"""What the stores raise, whatever the backend: the server catches these, never a backend's own errors."""
 
 from __future__ import annotations
 
 
-class AdapterFormatError(ValueError):
-    """An adapter file that cannot be served; ``message`` says what is wrong and where."""
-
-    status_code = 422
-
-    def __init__(self, message: str, *, where: str | None = None):
-        self.message = message if where is None else f"{where}: {message}"
-        super().__init__(self.message)
+class StoreLockedError(RuntimeError):
+    """Another process has the store open; two writers would corrupt each other's recovery."""
 
 
-class UnsupportedAdapterTypeError(AdapterFormatError):
-    """A well-formed adapter of a kind we do not serve (e.g. a PEFT LoRA)."""
-
-    status_code = 415
+class BlobCorruptError(RuntimeError):
+    """Stored bytes that no longer hash to their sha256."""
 
 
-class BaseModelMismatchError(AdapterFormatError):
-    """An adapter made for another base model (modules or shapes differ)."""
+class FileBrokenError(RuntimeError):
+    """A stored file whose blob is missing or no longer matches its sha256; it has to be uploaded again."""
 
 
-class AdapterTooLargeError(AdapterFormatError):
-    """A file over ``--max-adapter-bytes``."""
-
-    status_code = 413
+class UnknownCursorError(LookupError):
+    """A listing's ``after`` names a file, job or event that does not exist (never did, or was deleted between
+    pages)."""

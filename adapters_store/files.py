@@ -8,20 +8,24 @@ file. Identical uploads are separate ids sharing one blob; the blob goes with it
 Listing is newest first, by upload order (an autoincrement sequence, never reused), not by
 ``created_at``: seconds tie, and a clock step must not reorder pages. The cursor ``after`` is a
 file id; paging continues strictly after that file's position.
+
+:class:`FileStore` is the embedded :class:`adapters_store.interfaces.FileRepository`.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters_store.blobs import BlobCorruptError, BlobStore
+from adapters_store.blobs import BlobStore
 from adapters_store.durable import ensure_columns, lock_directory
+from adapters_store.errors import BlobCorruptError, FileBrokenError, UnknownCursorError
+from adapters_store.ids import new_id
+from adapters_store.records import FileRecord
 
 logger = logging.getLogger(__name__)
 
@@ -46,32 +50,10 @@ _COLUMNS = "id, filename, purpose, bytes, sha256, created_at, examples, broken, 
 _ADDED_COLUMNS = {"namespace": "TEXT", "public": "INTEGER NOT NULL DEFAULT 0"}
 
 
-class FileBrokenError(RuntimeError):
-    """A stored file whose blob is missing or no longer matches its sha256; it has to be uploaded again."""
-
-
-class UnknownCursorError(LookupError):
-    """``list(after=...)`` named a file that does not exist (never did, or was deleted between pages)."""
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    id: str
-    filename: str
-    purpose: str
-    bytes: int
-    sha256: str
-    created_at: int
-    examples: int
-    broken: str | None
-    namespace: str | None = None
-    public: bool = False
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> FileRecord:
-        values = dict(row)
-        values["public"] = bool(values["public"])
-        return cls(**values)
+def _record(row: sqlite3.Row) -> FileRecord:
+    values = dict(row)
+    values["public"] = bool(values["public"])
+    return FileRecord(**values)
 
 
 @dataclass(frozen=True)
@@ -79,10 +61,6 @@ class FileRecoveryReport:
     temp_files_removed: int
     orphan_blobs_removed: int
     broken: list[tuple[str, str]]
-
-
-def new_file_id() -> str:
-    return f"file-{secrets.token_hex(12)}"
 
 
 class FileStore:
@@ -108,7 +86,7 @@ class FileStore:
     def _recover(self) -> FileRecoveryReport:
         temp_files = self.blobs.clear_temp_files()
         with self._lock:
-            records = [FileRecord.from_row(row) for row in self._db.execute(f"SELECT {_COLUMNS} FROM files")]
+            records = [_record(row) for row in self._db.execute(f"SELECT {_COLUMNS} FROM files")]
         orphans = self.blobs.all_hashes() - {record.sha256 for record in records}
         for sha256 in orphans:
             self.blobs.remove(sha256)
@@ -147,7 +125,7 @@ class FileStore:
         """Store a validated file under a new id, owned by ``namespace``; durable when this returns."""
         sha256 = self.blobs.put(data)
         record = FileRecord(
-            id=new_file_id(),
+            id=new_id("file"),
             filename=filename,
             purpose=purpose,
             bytes=len(data),
@@ -173,7 +151,7 @@ class FileStore:
     def get(self, file_id: str) -> FileRecord | None:
         with self._lock:
             row = self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
-        return FileRecord.from_row(row) if row else None
+        return _record(row) if row else None
 
     def list(
         self, *, purpose: str | None = None, after: str | None = None, limit: int = 100, visible_to: str | None = None
@@ -195,7 +173,7 @@ class FileStore:
                     ORDER BY seq DESC LIMIT ?3""",
                 (purpose, before, limit, visible_to),
             ).fetchall()
-        return [FileRecord.from_row(row) for row in rows]
+        return [_record(row) for row in rows]
 
     def read(self, record: FileRecord) -> bytes:
         """The stored bytes, checked against the sha256; a failed check marks the file broken."""

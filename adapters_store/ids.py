@@ -1,8 +1,11 @@
-"""Adapter ids: ``name`` or ``namespace/name``, optionally pinned to a version as ``id@N``."""
+"""Ids: adapter ids (``name`` or ``namespace/name``, optionally pinned to a version as ``id@N``), chosen by
+clients; and the random ids of training files, jobs and checkpoints (``file-``, ``ftjob-``, ``ftckpt-`` + 24
+hex digits), chosen here."""
 
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -43,3 +46,8 @@ def parse_ref(text: str) -> AdapterRef:
     if not version.isdigit() or int(version) < 1:
         raise InvalidAdapterIdError(f"invalid version in {text!r}: expected id@N with N >= 1")
     return AdapterRef(adapter_id, int(version))
+
+
+def new_id(prefix: str) -> str:
+    """``prefix-`` + 24 random hex digits: 96 bits, so ids never collide, across processes too."""
+    return f"{prefix}-{secrets.token_hex(12)}"

@@ -1,4 +1,5 @@
-"""SQLite (WAL) index of adapter versions; the blob bytes live in :class:`BlobStore`."""
+"""SQLite (WAL) index of adapter versions, the embedded :class:`adapters_store.interfaces.AdapterCatalog`; the
+blob bytes live in :class:`BlobStore`."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adapters_store.durable import ensure_columns
+from adapters_store.records import AdapterRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapter_versions (
@@ -42,36 +43,12 @@ _VISIBLE = """(:namespace IS NULL OR instr(v.adapter_id, '/') = 0 OR v.public = 
               OR substr(v.adapter_id, 1, length(:namespace) + 1) = :namespace || '/')"""
 
 
-@dataclass(frozen=True)
-class AdapterRecord:
-    adapter_id: str
-    version: int
-    sha256: str
-    method: str
-    n_params: int
-    size_bytes: int
-    source_format: str
-    base_model: str
-    description: str
-    metadata: dict[str, Any]
-    created_at: float
-    broken: str | None
-    pinned: bool
-    public: bool
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> AdapterRecord:
-        values = dict(row)
-        values["metadata"] = json.loads(values["metadata"])
-        values["pinned"] = bool(values["pinned"])
-        values["public"] = bool(values["public"])
-        return cls(**values)
-
-    @property
-    def namespace(self) -> str | None:
-        """The owner of a ``namespace/name`` id; None for the server's own un-namespaced ids."""
-        namespace, slash, _ = self.adapter_id.partition("/")
-        return namespace if slash else None
+def _record(row: sqlite3.Row) -> AdapterRecord:
+    values = dict(row)
+    values["metadata"] = json.loads(values["metadata"])
+    values["pinned"] = bool(values["pinned"])
+    values["public"] = bool(values["public"])
+    return AdapterRecord(**values)
 
 
 class AdapterIndex:
@@ -152,7 +129,7 @@ class AdapterIndex:
             row = self._db.execute(
                 "SELECT * FROM adapter_versions WHERE adapter_id = ? AND version = ?", (adapter_id, version)
             ).fetchone()
-        return AdapterRecord.from_row(row) if row else None
+        return _record(row) if row else None
 
     def get(self, adapter_id: str, version: int | None = None) -> AdapterRecord | None:
         """A version, or the latest one when ``version`` is None."""
@@ -184,7 +161,7 @@ class AdapterIndex:
                     "limit": limit,
                 },
             ).fetchall()
-        return [AdapterRecord.from_row(row) for row in rows]
+        return [_record(row) for row in rows]
 
     def latest_ids(self, *, visible_to: str | None = None) -> list[str]:
         """Ids whose latest version is servable (not broken), in id order; ``visible_to`` as in :meth:`list_latest`."""
@@ -204,14 +181,14 @@ class AdapterIndex:
     def pinned_records(self) -> list[AdapterRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM adapter_versions WHERE pinned = 1 ORDER BY adapter_id").fetchall()
-        return [AdapterRecord.from_row(row) for row in rows]
+        return [_record(row) for row in rows]
 
     def versions(self, adapter_id: str) -> list[AdapterRecord]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM adapter_versions WHERE adapter_id = ? ORDER BY version", (adapter_id,)
             ).fetchall()
-        return [AdapterRecord.from_row(row) for row in rows]
+        return [_record(row) for row in rows]
 
     def delete(self, adapter_id: str, version: int | None = None) -> list[AdapterRecord]:
         """Delete one version or all of them; returns what was deleted."""
@@ -222,7 +199,7 @@ class AdapterIndex:
                 where, params = "adapter_id = ? AND version = ?", (adapter_id, version)
             rows = self._db.execute(f"SELECT * FROM adapter_versions WHERE {where}", params).fetchall()
             self._db.execute(f"DELETE FROM adapter_versions WHERE {where}", params)
-        return [AdapterRecord.from_row(row) for row in rows]
+        return [_record(row) for row in rows]
 
     def sha_in_use(self, sha256: str) -> bool:
         with self._lock:
@@ -234,7 +211,7 @@ class AdapterIndex:
     def all_records(self) -> list[AdapterRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM adapter_versions ORDER BY adapter_id, version").fetchall()
-        return [AdapterRecord.from_row(row) for row in rows]
+        return [_record(row) for row in rows]
 
     def mark_broken(self, adapter_id: str, version: int, reason: str | None) -> None:
         with self._lock:

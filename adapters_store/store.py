@@ -1,5 +1,8 @@
 """The durable adapter store: blob first, index row second, and recovery on open.
 
+The embedded :class:`adapters_store.interfaces.AdapterRepository`: blob files under ``root/blobs`` and the
+SQLite index ``root/index.sqlite3`` (the server's root is ``<data-dir>/adapters``), one process per root.
+
 An upload is acknowledged only after its blob is fsynced and renamed into place and its index
 row is committed, so a crash at any point leaves either nothing visible or a complete version.
 On open, the store deletes temp files and blobs no row refers to, and marks every row whose

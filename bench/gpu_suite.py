@@ -47,7 +47,6 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 from transformers.utils import logging as hf_logging
 
-from adapters_store.peft_format import to_peft_dir
 from adapters_store.store import AdapterStore
 from bench.common import generate_exactly
 from server.engine.adapters import AdapterRegistry
@@ -59,6 +58,7 @@ from server.models.embedded import tiny_llama_config
 from server.models.tokenizer import build_byte_tokenizer
 from server.settings import ServerSettings
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
+from server.spectral.formats.peft import to_peft_dir
 from server.spectral.fourierft import peft_locations
 
 LOCATION_SEED = 777

@@ -30,7 +30,6 @@ from pathlib import Path
 import httpx
 import torch
 
-from adapters_store import native
 from adapters_store.store import AdapterStore
 from bench.common import (
     cpu_model,
@@ -45,6 +44,7 @@ from bench.common import (
 )
 from server.models.embedded import ensure_default_model
 from server.spectral.adapter import SpectralAdapter
+from server.spectral.formats import native
 
 SEED = 777  # PEFT's default random_loc_seed: every adapter shares one location set per layer shape
 TARGET_UPLOAD_TO_FIRST_TOKEN_P99_MS = 50.0

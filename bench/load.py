@@ -41,7 +41,6 @@ from pathlib import Path
 import httpx
 import torch
 
-from adapters_store import native
 from bench.common import (
     cpu_model,
     percentile,
@@ -55,6 +54,7 @@ from bench.common import (
 )
 from clients.sdk import SSELineSplitter
 from server.spectral.adapter import SpectralAdapter
+from server.spectral.formats import native
 
 SCALING = 150.0
 ENDPOINTS = ("tgi", "completions", "chat")

@@ -35,8 +35,6 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
-from adapters_store import native
-from adapters_store.peft_format import to_peft_dir
 from adapters_store.store import AdapterStore
 from bench.common import (
     cpu_model,
@@ -56,6 +54,8 @@ from server.engine.types import FinishEvent, GenerationRequest, SamplingParams, 
 from server.models.embedded import DEFAULT_MODEL_NAME, ensure_default_model, save_tiny_model, tiny_llama_config
 from server.settings import ServerSettings
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
+from server.spectral.formats import native
+from server.spectral.formats.peft import to_peft_dir
 from server.spectral.fourierft import peft_locations
 
 N_FREQUENCY = 1000

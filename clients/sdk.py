@@ -31,6 +31,7 @@ import anyio
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from adapters_store.records import TERMINAL_STATUSES
 from server.api.request_id import REQUEST_ID_HEADER
 from server.api.schemas.adapters import AdapterDeleted, AdapterDetail, AdapterList, AdapterObject
 from server.api.schemas.common import HealthResponse, InfoResponse
@@ -46,7 +47,6 @@ from server.api.schemas.finetune import (
 )
 from server.api.schemas.openai import ChatCompletion, ChatMessage, Completion
 from server.api.schemas.tgi import GenerateResponse, StreamResponse
-from server.finetune.job_store import TERMINAL_STATUSES
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",

@@ -1,4 +1,8 @@
-"""Build the model runner, adapter registry, engine, file store and app from settings, and run uvicorn."""
+"""Build the model runner, adapter registry, engine, file store and app from settings, and run uvicorn.
+
+The composition root: the one module that builds the stores' embedded backend (``adapters_store``'s SQLite
+classes); everything else is typed against ``adapters_store.interfaces`` (docs/store.md, "Layers").
+"""
 
 from __future__ import annotations
 
@@ -10,19 +14,20 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from adapters_store.durable import StoreLockedError
+from adapters_store.errors import StoreLockedError
 from adapters_store.files import FileStore
+from adapters_store.interfaces import FileRepository
+from adapters_store.jobs import JobStore
 from adapters_store.store import AdapterStore
-from adapters_store.uploads import read_path
 from server.api.auth import ExposureError, KeysFileError, check_exposure, key_ring
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine
 from server.engine.model_runner import ModelRunner
-from server.finetune.job_store import JobStore
 from server.finetune.jobs import JobManager
 from server.logging_setup import configure_logging
 from server.models.embedded import DEFAULT_MODEL_NAME, ensure_default_model
 from server.settings import ServerSettings
+from server.spectral.formats.uploads import read_path
 
 logger = logging.getLogger("server")
 
@@ -65,7 +70,7 @@ def build_engine(settings: ServerSettings) -> Engine:
     return Engine(runner, registry, settings, name)
 
 
-def build_jobs(engine: Engine, files: FileStore, settings: ServerSettings) -> JobManager:
+def build_jobs(engine: Engine, files: FileRepository, settings: ServerSettings) -> JobManager:
     root = settings.data_dir / "finetune"
     return JobManager(engine, files, JobStore(root / "jobs.sqlite3"), root / "checkpoints", settings)
 

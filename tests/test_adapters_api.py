@@ -23,10 +23,10 @@ import torch
 from peft import PeftModel
 from safetensors.torch import save as save_safetensors
 
-from adapters_store import native
-from adapters_store.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from server.engine.adapters import resident_cost
 from server.engine.model_runner import ModelRunner
+from server.spectral.formats import native
+from server.spectral.formats.peft import CONFIG_NAME, WEIGHTS_NAME
 from tests.conftest import load_base
 from tests.engine_fixtures import random_adapter
 

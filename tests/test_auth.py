@@ -21,10 +21,10 @@ import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
-from adapters_store import native
 from clients.sdk import SpectraClient
 from server.api.auth import KeyRing, KeysFileError, hash_key, read_keys_file
 from server.engine.model_runner import ModelRunner
+from server.spectral.formats import native
 from tests.engine_fixtures import random_adapter
 
 if TYPE_CHECKING:

@@ -28,9 +28,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from adapters_store import native
-from adapters_store.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from server.engine.model_runner import ModelRunner
+from server.spectral.formats import native
+from server.spectral.formats.peft import CONFIG_NAME, WEIGHTS_NAME
 from tests.engine_fixtures import random_adapter
 
 if TYPE_CHECKING:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from adapters_store import native
 from server.engine.model_runner import ModelRunner
+from server.spectral.formats import native
 from tests.engine_fixtures import random_adapter
 from tests.http_fixtures import start_server, stop_server
 

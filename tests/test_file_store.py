@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from adapters_store.durable import StoreLockedError
-from adapters_store.files import FileBrokenError, FileRecord, FileStore, UnknownCursorError
+from adapters_store.errors import FileBrokenError, StoreLockedError, UnknownCursorError
+from adapters_store.files import FileStore
+from adapters_store.records import FileRecord
 
 DATA = b'{"prompt": "a", "completion": "b"}\n'
 

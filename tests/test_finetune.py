@@ -22,8 +22,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapters_store import native
 from server.models.embedded import ensure_default_model
+from server.spectral.formats import native
 from server.spectral.model import routable_modules
 from tests.conftest import load_base
 from tests.engine_fixtures import random_adapter

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from adapters_store import native
-from adapters_store.errors import AdapterFormatError, BaseModelMismatchError, UnsupportedAdapterTypeError
-from adapters_store.peft_format import from_peft, to_peft
-from adapters_store.validation import validate_adapter
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
+from server.spectral.formats import native
+from server.spectral.formats.errors import AdapterFormatError, BaseModelMismatchError, UnsupportedAdapterTypeError
+from server.spectral.formats.peft import from_peft, to_peft
+from server.spectral.formats.validation import validate_adapter
 from server.spectral.fourierft import peft_locations
 from tests.engine_fixtures import random_adapter
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from adapters_store import native
 from server.engine.model_runner import ModelRunner
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
 from server.spectral.dense import delta_weight
+from server.spectral.formats import native
 from server.spectral.fourierft import peft_locations
 from tests.conftest import greedy_continuation, load_base
 from tests.http_fixtures import start_server, stop_server

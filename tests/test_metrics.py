@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
-from adapters_store import native
+from server.spectral.formats import native
 from server.spectral.model import routable_modules
 from tests.conftest import load_base
 from tests.engine_fixtures import random_adapter

@@ -9,8 +9,8 @@ import torch
 from peft import FourierFTConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from adapters_store import native
-from adapters_store.peft_format import from_peft_dir, to_peft_dir
+from server.spectral.formats import native
+from server.spectral.formats.peft import from_peft_dir, to_peft_dir
 from tests.conftest import load_base, load_routed
 
 # (target modules, extra FourierFTConfig fields) per architecture; seeds are not PEFT's default 777.

@@ -26,7 +26,6 @@ from click.testing import Result
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from adapters_store import native
 from clients.cli import app
 from clients.sdk import (
     MAX_PEFT_ZIP_EXPANDED_BYTES,
@@ -43,6 +42,7 @@ from clients.sdk import (
     _Download,
     _save_download,
 )
+from server.spectral.formats import native
 from tests.conftest import load_routed
 from tests.engine_fixtures import random_adapter
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters_store.durable import StoreLockedError
+from adapters_store.errors import StoreLockedError
 from adapters_store.ids import InvalidAdapterIdError, parse_ref, validate_adapter_id
 from adapters_store.store import AdapterStore
 

@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 
-from adapters_store.files import FileStore
+from adapters_store.interfaces import FileRepository
 from server import metrics
 from server.api.access import AccessMiddleware
 from server.api.auth import ADMIN, KeyRing, key_ring
@@ -42,7 +42,7 @@ def create_app(
     engine: Engine,
     settings: ServerSettings | None = None,
     *,
-    files: FileStore,
+    files: FileRepository,
     jobs: JobManager,
     keys: KeyRing | None = None,
 ) -> FastAPI:

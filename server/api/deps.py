@@ -7,8 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from adapters_store.files import FileStore
-from adapters_store.index import AdapterIndex
+from adapters_store.interfaces import AdapterCatalog, FileRepository
 from server.api.auth import ANONYMOUS, Principal, Scope
 from server.engine.engine import Engine
 from server.engine.types import EngineError
@@ -29,12 +28,12 @@ def get_settings(request: Request) -> ServerSettings:
     return request.app.state.settings
 
 
-def get_adapter_index(request: Request) -> AdapterIndex:
+def get_adapter_index(request: Request) -> AdapterCatalog:
     """The adapter catalogue that routes resolve and check visibility against."""
     return request.app.state.adapter_index
 
 
-def get_files(request: Request) -> FileStore:
+def get_files(request: Request) -> FileRepository:
     return request.app.state.files
 
 
@@ -49,8 +48,8 @@ def get_principal(request: Request) -> Principal:
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
-AdapterIndexDep = Annotated[AdapterIndex, Depends(get_adapter_index)]
-FilesDep = Annotated[FileStore, Depends(get_files)]
+AdapterIndexDep = Annotated[AdapterCatalog, Depends(get_adapter_index)]
+FilesDep = Annotated[FileRepository, Depends(get_files)]
 JobsDep = Annotated[JobManager, Depends(get_jobs)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 

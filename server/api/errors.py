@@ -16,12 +16,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adapters_store.errors import AdapterFormatError
-from adapters_store.files import FileBrokenError
+from adapters_store.errors import FileBrokenError
 from adapters_store.ids import InvalidAdapterIdError
 from server.api.schemas.common import ErrorBody, ErrorResponse
 from server.engine.types import EngineError
 from server.finetune.data import TrainingFileError
+from server.spectral.formats.errors import AdapterFormatError
 
 logger = logging.getLogger(__name__)
 

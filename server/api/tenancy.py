@@ -10,14 +10,13 @@ other namespaces do not leak.
 
 from __future__ import annotations
 
-from adapters_store.files import FileRecord, FileStore
 from adapters_store.ids import parse_ref, validate_adapter_id
-from adapters_store.index import AdapterIndex, AdapterRecord
+from adapters_store.interfaces import AdapterCatalog, FileRepository
+from adapters_store.records import AdapterRecord, FileRecord, JobRecord
 from server.api.auth import Principal
 from server.api.deps import PermissionDeniedError
 from server.engine.adapters import InvalidAdapterRefError
 from server.engine.types import UnknownAdapterError
-from server.finetune.job_store import JobRecord
 from server.finetune.jobs import JobNotFoundError, UnknownFileError
 
 
@@ -44,7 +43,9 @@ def _candidates(principal: Principal, adapter_id: str) -> list[str]:
     return [f"{principal.namespace}/{adapter_id}", adapter_id]
 
 
-def visible_adapter(principal: Principal, index: AdapterIndex, ref: str, *, param: str = "adapter_id") -> AdapterRecord:
+def visible_adapter(
+    principal: Principal, index: AdapterCatalog, ref: str, *, param: str = "adapter_id"
+) -> AdapterRecord:
     """The record ``ref`` (``id`` or ``id@N``) names for ``principal``; 404 if none it may see."""
     try:
         parsed = parse_ref(ref)
@@ -67,7 +68,7 @@ def _qualified(record: AdapterRecord, ref: str) -> str:
     return record.adapter_id if version is None else f"{record.adapter_id}@{version}"
 
 
-def owned_adapter_ref(principal: Principal, index: AdapterIndex, ref: str, *, param: str = "adapter_id") -> str:
+def owned_adapter_ref(principal: Principal, index: AdapterCatalog, ref: str, *, param: str = "adapter_id") -> str:
     """``ref`` qualified for a delete: it must be visible and in the caller's namespace (else 404 or 403)."""
     record = visible_adapter(principal, index, ref, param=param)
     if not principal.owns(record.namespace):
@@ -78,7 +79,7 @@ def owned_adapter_ref(principal: Principal, index: AdapterIndex, ref: str, *, pa
 
 
 def resolve_blend(
-    principal: Principal, index: AdapterIndex, adapters: dict[str, float], *, param: str
+    principal: Principal, index: AdapterCatalog, adapters: dict[str, float], *, param: str
 ) -> dict[str, float]:
     """A generation request's adapters under the ids the engine knows them by."""
     if principal.namespace is None:
@@ -89,7 +90,7 @@ def resolve_blend(
     return resolved
 
 
-def visible_file(principal: Principal, files: FileStore, file_id: str, *, param: str = "file_id") -> FileRecord:
+def visible_file(principal: Principal, files: FileRepository, file_id: str, *, param: str = "file_id") -> FileRecord:
     record = files.get(file_id)
     if record is None or not principal.can_see(record.namespace, record.public):
         raise UnknownFileError(f"file {file_id!r} not found", param=param)

@@ -20,16 +20,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from adapters_store import native
-from adapters_store.blobs import BlobCorruptError
+from adapters_store.errors import BlobCorruptError
 from adapters_store.ids import InvalidAdapterIdError, parse_ref, validate_adapter_id
-from adapters_store.index import AdapterRecord
-from adapters_store.store import AdapterStore
-from adapters_store.validation import validate_adapter
+from adapters_store.interfaces import AdapterRepository
+from adapters_store.records import AdapterRecord
 from server import metrics
 from server.engine.types import EngineError, UnknownAdapterError
 from server.spectral.adapter import SpectralAdapter
 from server.spectral.bank import AdapterBank
+from server.spectral.formats import native
+from server.spectral.formats.validation import validate_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class AdapterRegistry:
         bank: AdapterBank,
         module_shapes: dict[str, tuple[int, int]],
         architecture: str | None,
-        store: AdapterStore,
+        store: AdapterRepository,
         *,
         base_model: str,
         memory_budget_bytes: int = 3 << 30,

@@ -24,8 +24,10 @@ import torch
 from safetensors.torch import load_file, save
 
 from adapters_store.durable import write_atomically
-from adapters_store.files import FileStore, UnknownCursorError
-from adapters_store.ids import validate_adapter_id
+from adapters_store.errors import UnknownCursorError
+from adapters_store.ids import new_id, validate_adapter_id
+from adapters_store.interfaces import FileRepository, JobRepository
+from adapters_store.records import CheckpointRecord, EventRecord, JobRecord
 from server import metrics
 from server.engine.engine import Engine
 from server.engine.types import EngineError, EngineStoppedError
@@ -37,7 +39,6 @@ from server.finetune.hyperparameters import (
     resolve_adapter,
     resolve_plan,
 )
-from server.finetune.job_store import CheckpointRecord, EventRecord, JobRecord, JobStore, new_id
 from server.finetune.trainer import (
     LossSum,
     NonFiniteLossError,
@@ -100,7 +101,9 @@ def _trained_tokens(examples: list[TrainingExample]) -> int:
 
 
 class JobManager:
-    def __init__(self, engine: Engine, files: FileStore, store: JobStore, state_dir: Path, settings: ServerSettings):
+    def __init__(
+        self, engine: Engine, files: FileRepository, store: JobRepository, state_dir: Path, settings: ServerSettings
+    ):
         self.engine = engine
         self.files = files
         self.store = store

@@ -13,15 +13,15 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from adapters_store import native
-from adapters_store.errors import AdapterFormatError, AdapterTooLargeError
-from adapters_store.index import AdapterRecord
-from adapters_store.uploads import ParsedAdapter, base_name, parse_files, peft_zip
+from adapters_store.records import AdapterRecord
 from server.api.deps import AdapterIndexDep, EngineDep, PrincipalDep, SettingsDep, requires
 from server.api.schemas.adapters import AdapterDeleted, AdapterDetail, AdapterList, AdapterObject
 from server.api.schemas.common import ErrorResponse
 from server.api.tenancy import owned_adapter_ref, visible_adapter, writable_adapter_id
 from server.engine.types import UnknownAdapterError
+from server.spectral.formats import native
+from server.spectral.formats.errors import AdapterFormatError, AdapterTooLargeError
+from server.spectral.formats.uploads import ParsedAdapter, base_name, parse_files, peft_zip
 
 router = APIRouter(prefix="/v1/adapters", tags=["Adapters"])
 

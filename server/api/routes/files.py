@@ -14,8 +14,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from adapters_store.files import UnknownCursorError
-from adapters_store.uploads import base_name
+from adapters_store.errors import UnknownCursorError
 from server.api.deps import EngineDep, FilesDep, PermissionDeniedError, PrincipalDep, SettingsDep
 from server.api.schemas.common import ErrorResponse
 from server.api.schemas.files import FileDeleted, FileList, FileObject
@@ -23,6 +22,7 @@ from server.api.tenancy import visible_file
 from server.engine.types import InvalidRequestError
 from server.finetune.data import TrainingFileError, count_training_examples
 from server.finetune.jobs import UnknownFileError
+from server.spectral.formats.uploads import base_name
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 

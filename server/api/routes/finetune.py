@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
+from adapters_store.records import JobRecord
 from server.api.auth import Principal
 from server.api.deps import FilesDep, JobsDep, PrincipalDep
 from server.api.schemas.common import ErrorResponse
@@ -30,7 +31,6 @@ from server.api.schemas.finetune import (
 )
 from server.api.tenancy import visible_file, visible_job
 from server.finetune.hyperparameters import BASE_LEARNING_RATE
-from server.finetune.job_store import JobRecord
 from server.finetune.jobs import JobManager, JobNotFoundError
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])

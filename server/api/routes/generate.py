@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from adapters_store.index import AdapterIndex
+from adapters_store.interfaces import AdapterCatalog
 from server.api.auth import Principal
 from server.api.deps import AdapterIndexDep, EngineDep, PrincipalDep
 from server.api.generation import (
@@ -77,7 +77,7 @@ def _sampling(parameters: GenerateParameters, engine: Engine, prompt_tokens: int
     )
 
 
-async def _submit(body: GenerateRequest, engine: Engine, index: AdapterIndex, principal: Principal) -> RequestHandle:
+async def _submit(body: GenerateRequest, engine: Engine, index: AdapterCatalog, principal: Principal) -> RequestHandle:
     parameters = body.parameters
     prompt_ids = await encode(engine, body.inputs)
     param_names = {

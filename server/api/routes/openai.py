@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from adapters_store.index import AdapterIndex
+from adapters_store.interfaces import AdapterCatalog
 from server.api.auth import Principal
 from server.api.chat_prompt import chat_prompt_ids
 from server.api.deps import AdapterIndexDep, EngineDep, PrincipalDep
@@ -208,7 +208,7 @@ def _choice_params(
 
 def _submit_all(
     engine: Engine,
-    index: AdapterIndex,
+    index: AdapterCatalog,
     principal: Principal,
     body: CompletionRequest | ChatCompletionRequest,
     prompts: list[tuple[list[int], SamplingParams]],

@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from adapters_store.index import AdapterIndex
+from adapters_store.interfaces import AdapterCatalog
 from server.api.auth import Principal
 from server.api.chat_prompt import chat_prompt_ids
 from server.api.deps import AdapterIndexDep, EngineDep, PrincipalDep
@@ -32,7 +32,7 @@ from server.engine.types import InvalidRequestError, UnknownAdapterError
 router = APIRouter(tags=["Tokenization"], responses=ERROR_RESPONSES)
 
 
-def _check_model(engine: Engine, index: AdapterIndex, principal: Principal, model: str | None) -> None:
+def _check_model(engine: Engine, index: AdapterCatalog, principal: Principal, model: str | None) -> None:
     if model is None or model == engine.model_name:
         return
     try:

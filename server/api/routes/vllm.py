@@ -14,13 +14,13 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from adapters_store.uploads import read_path
 from server.api.deps import AdapterIndexDep, EngineDep, PrincipalDep, SettingsDep
 from server.api.errors import error_response
 from server.api.schemas.adapters import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from server.api.schemas.common import ErrorResponse
 from server.api.tenancy import owned_adapter_ref, writable_adapter_id
 from server.engine.types import UnknownAdapterError
+from server.spectral.formats.uploads import read_path
 
 router = APIRouter(prefix="/v1", tags=["vLLM runtime adapters"])
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from adapters_store.index import AdapterRecord
+from adapters_store.records import AdapterRecord
 
 
 class AdapterObject(BaseModel):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from adapters_store.files import FileRecord
+from adapters_store.records import FileRecord
 
 
 class FileObject(BaseModel):

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.finetune.job_store import JobStatus
+from adapters_store.records import JobStatus
 
 Auto = Literal["auto"]
 # Adam moves each coefficient by about the learning rate per step; beyond 1000x the base rate every

@@ -12,10 +12,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from adapters_store import native
-from adapters_store.errors import AdapterFormatError, AdapterTooLargeError, UnsupportedAdapterTypeError
-from adapters_store.peft_format import CONFIG_NAME, WEIGHTS_NAME, from_peft, to_peft
 from server.spectral.adapter import SpectralAdapter
+from server.spectral.formats import native
+from server.spectral.formats.errors import AdapterFormatError, AdapterTooLargeError, UnsupportedAdapterTypeError
+from server.spectral.formats.peft import CONFIG_NAME, WEIGHTS_NAME, from_peft, to_peft
 
 EXPECTED_FILES = (
     f"either one native '.safetensors' adapter file, or the two files of a PEFT FourierFT directory "

@@ -1,4 +1,5 @@
-"""SQLite (WAL, synchronous=FULL) persistence of fine-tuning jobs, their events and checkpoints.
+"""SQLite (WAL, synchronous=FULL) persistence of fine-tuning jobs, their events and checkpoints: the embedded
+:class:`adapters_store.interfaces.JobRepository`.
 
 Every state change is committed before the API reports it, so a restart finds each job where
 its last acknowledged change left it (docs/finetuning.md, "Restarts").
@@ -7,19 +8,16 @@ its last acknowledged change left it (docs/finetuning.md, "Restarts").
 from __future__ import annotations
 
 import json
-import secrets
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from adapters_store.durable import ensure_columns
-from adapters_store.files import UnknownCursorError
-
-JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
-TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+from adapters_store.errors import UnknownCursorError
+from adapters_store.ids import new_id
+from adapters_store.records import CheckpointRecord, EventRecord, JobRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -69,64 +67,6 @@ CREATE INDEX IF NOT EXISTS job_checkpoints_job ON job_checkpoints (job_id, step)
 _JSON_COLUMNS = ("request", "hyperparameters", "adapter", "error")
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    id: str
-    created_at: int
-    status: JobStatus
-    model: str
-    training_file: str
-    validation_file: str | None
-    suffix: str | None
-    seed: int
-    adapter_id: str
-    request: dict[str, Any]
-    hyperparameters: dict[str, Any] | None
-    adapter: dict[str, Any] | None
-    fine_tuned_model: str | None
-    trained_tokens: int | None
-    error: dict[str, Any] | None
-    started_at: int | None
-    finished_at: int | None
-    estimated_finish: int | None
-    step: int
-    namespace: str | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL_STATUSES
-
-
-@dataclass(frozen=True)
-class EventRecord:
-    seq: int
-    job_id: str
-    created_at: int
-    level: str
-    type: str
-    message: str
-    data: dict[str, Any] | None
-
-    @property
-    def id(self) -> str:
-        return f"ftevent-{self.seq:012d}"
-
-
-@dataclass(frozen=True)
-class CheckpointRecord:
-    id: str
-    job_id: str
-    created_at: int
-    step: int
-    adapter_version: int
-    metrics: dict[str, Any]
-    state_path: str | None
-
-
 def _decode(row: sqlite3.Row, json_columns: tuple[str, ...]) -> dict[str, Any]:
     values = dict(row)
     for column in json_columns:
@@ -136,6 +76,8 @@ def _decode(row: sqlite3.Row, json_columns: tuple[str, ...]) -> dict[str, Any]:
 
 
 class JobStore:
+    """Thread-safe: one connection behind a lock."""
+
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)

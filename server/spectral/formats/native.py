@@ -19,8 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from adapters_store.errors import AdapterFormatError, UnsupportedAdapterTypeError
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
+from server.spectral.formats.errors import AdapterFormatError, UnsupportedAdapterTypeError
 
 FORMAT_NAME = "spectra.adapter"
 FORMAT_VERSION = "1"
@@ -119,7 +119,7 @@ def _json_field(metadata: dict[str, str], key: str) -> Any:
 
 def from_bytes(data: bytes) -> SpectralAdapter:
     """Parse a native adapter file. Structural problems raise :class:`AdapterFormatError`;
-    run :func:`adapters_store.validation.validate_adapter` for the semantic checks."""
+    run :func:`server.spectral.formats.validation.validate_adapter` for the semantic checks."""
     tensors, metadata = read_safetensors(data)
     if metadata.get("format") != FORMAT_NAME:
         raise UnsupportedAdapterTypeError(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from adapters_store.errors import AdapterFormatError, BaseModelMismatchError
 from server.spectral.adapter import DCT_NORMS, METHODS, SpectralAdapter
+from server.spectral.formats.errors import AdapterFormatError, BaseModelMismatchError
 
 COEFFICIENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOCATION_DTYPES = (torch.int16, torch.int32, torch.int64)

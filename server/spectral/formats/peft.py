@@ -19,10 +19,10 @@ import regex
 import torch
 from safetensors.torch import save as save_safetensors
 
-from adapters_store.errors import AdapterFormatError, BaseModelMismatchError, UnsupportedAdapterTypeError
-from adapters_store.native import loads_json, read_safetensors
-from adapters_store.validation import validate_seed
 from server.spectral.adapter import ModuleSpectrum, SpectralAdapter
+from server.spectral.formats.errors import AdapterFormatError, BaseModelMismatchError, UnsupportedAdapterTypeError
+from server.spectral.formats.native import loads_json, read_safetensors
+from server.spectral.formats.validation import validate_seed
 from server.spectral.fourierft import peft_locations
 
 CONFIG_NAME = "adapter_config.json"

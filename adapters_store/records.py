@@ -1,0 +1,117 @@
+"""What the stores hand out, whatever the backend: frozen dataclasses of plain values, no row or connection types.
+
+Each backend decodes its own rows into these (SQLite keeps JSON columns as text and booleans as integers);
+the server only ever sees the records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One immutable version of an adapter id; its bytes are the blob named by ``sha256``."""
+
+    adapter_id: str
+    version: int
+    sha256: str
+    method: str
+    n_params: int
+    size_bytes: int
+    source_format: str
+    base_model: str
+    description: str
+    metadata: dict[str, Any]
+    created_at: float
+    broken: str | None
+    pinned: bool
+    public: bool
+
+    @property
+    def namespace(self) -> str | None:
+        """The owner of a ``namespace/name`` id; None for the server's own un-namespaced ids."""
+        namespace, slash, _ = self.adapter_id.partition("/")
+        return namespace if slash else None
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One uploaded training file; its bytes are the blob named by ``sha256``."""
+
+    id: str
+    filename: str
+    purpose: str
+    bytes: int
+    sha256: str
+    created_at: int
+    examples: int
+    broken: str | None
+    namespace: str | None = None
+    public: bool = False
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One fine-tuning job: ``request`` is what the client asked for, ``adapter`` and ``hyperparameters`` what
+    that resolved to."""
+
+    id: str
+    created_at: int
+    status: JobStatus
+    model: str
+    training_file: str
+    validation_file: str | None
+    suffix: str | None
+    seed: int
+    adapter_id: str
+    request: dict[str, Any]
+    hyperparameters: dict[str, Any] | None
+    adapter: dict[str, Any] | None
+    fine_tuned_model: str | None
+    trained_tokens: int | None
+    error: dict[str, Any] | None
+    started_at: int | None
+    finished_at: int | None
+    estimated_finish: int | None
+    step: int
+    namespace: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One event of a job; ``seq`` orders them and ``id`` is the cursor a listing's ``after`` takes."""
+
+    seq: int
+    job_id: str
+    created_at: int
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any] | None
+
+    @property
+    def id(self) -> str:
+        return f"ftevent-{self.seq:012d}"
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """``adapter_version`` is a version of the job's adapter id; ``state_path`` the optimizer state's file
+    (None for the final checkpoint, and once the job's state files are removed)."""
+
+    id: str
+    job_id: str
+    created_at: int
+    step: int
+    adapter_version: int
+    metrics: dict[str, Any]
+    state_path: str | None
