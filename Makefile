@@ -30,6 +30,7 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	@command -v promtool >/dev/null 2>&1 || bash .ci/install-prometheus
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || bash .ci/install-postgres
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
