@@ -14,6 +14,7 @@ import pytest
 from adapters_store.files import FileStore
 from adapters_store.interfaces import AdapterCatalog, AdapterRepository, FileRepository, JobRepository
 from adapters_store.jobs import JobStore
+from adapters_store.postgres import PostgresAdapterStore
 from adapters_store.store import AdapterStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ FORBIDDEN = ("torch", "safetensors.torch", "transformers", "peft", "server")
 # the composition root alone, the one place that builds them.
 NEUTRAL = {"errors", "ids", "interfaces", "records", "durable"}
 COMPOSITION_ROOT = REPO / "server" / "main.py"
+pytest_plugins = ["tests.postgres_fixtures"]
 PROTOCOLS = {"adapters": AdapterRepository, "catalog": AdapterCatalog, "files": FileRepository, "jobs": JobRepository}
 
 
@@ -90,9 +92,27 @@ def _shape(function) -> list[tuple[str, object, object]]:
     return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
 
 
+@pytest.fixture
+def postgresql(postgres_url: str):
+    """The PostgreSQL backend (adapters only, so far), on a fresh database."""
+    from tests.postgres_fixtures import fresh_database
+
+    adapters = PostgresAdapterStore(fresh_database(postgres_url))
+    yield {"adapters": adapters, "catalog": adapters.index}
+    adapters.close()
+
+
 @pytest.mark.parametrize("kind", PROTOCOLS)
 def test_the_embedded_backend_implements_the_interfaces(embedded: dict, kind: str) -> None:
-    store, protocol = embedded[kind], PROTOCOLS[kind]
+    _check_implements(embedded[kind], PROTOCOLS[kind], kind)
+
+
+@pytest.mark.parametrize("kind", ["adapters", "catalog"])
+def test_the_postgresql_backend_implements_the_adapter_interfaces(postgresql: dict, kind: str) -> None:
+    _check_implements(postgresql[kind], PROTOCOLS[kind], kind)
+
+
+def _check_implements(store: object, protocol: type, kind: str) -> None:
     assert isinstance(store, protocol)
     methods = [name for name, value in vars(protocol).items() if inspect.isfunction(value) and not name.startswith("_")]
     assert methods

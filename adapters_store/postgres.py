@@ -1,0 +1,307 @@
+"""The PostgreSQL adapter store: index, versions and blobs in one database that any number of replicas share.
+
+:class:`PostgresAdapterStore` is an :class:`adapters_store.interfaces.AdapterRepository` and its ``index`` a
+:class:`PostgresAdapterIndex` (:class:`adapters_store.interfaces.AdapterCatalog`), chosen by
+``--store postgresql://...``. Unlike the embedded store it takes no lock on the store: every replica opens the
+same database, and the database orders their writes.
+
+- Blobs are ``bytea`` rows keyed by sha256 (adapters are kB-sized), checked against it on every read; a
+  version's row references its blob, so a blob cannot go while a version needs it.
+- Each write is one transaction, committed before the call returns. A put writes the blob and the version
+  row together, so a crash leaves the whole version or nothing: no orphans, no recovery pass on start.
+- Version numbers come from ``adapter_ids.last_version``, incremented in the writing transaction
+  (``INSERT ... ON CONFLICT DO UPDATE`` locks the id's row until commit): concurrent puts from any replica
+  get distinct numbers with no gaps, and deletes never give a number back.
+- A put and a delete that share a blob take the blob's advisory transaction lock, so a delete never removes
+  bytes a concurrent put of the same bytes is about to refer to.
+- Ids are ``COLLATE "C"``: listings are in byte order, as SQLite's are.
+- The schema is created and migrated on start, under an advisory lock so replicas starting together take
+  turns; ``schema_version`` records the steps applied.
+- One connection per store, guarded by a lock (the statements are small; replicas scale out, threads do
+  not need to), reopened when the server drops it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from adapters_store.errors import BlobCorruptError
+from adapters_store.ids import validate_adapter_id
+from adapters_store.records import AdapterRecord
+
+logger = logging.getLogger(__name__)
+
+# Schema steps in order; schema_version holds how many are applied. Append, never edit.
+MIGRATIONS = (
+    """
+    CREATE TABLE adapter_ids (
+        adapter_id TEXT COLLATE "C" PRIMARY KEY,
+        last_version INTEGER NOT NULL
+    );
+    CREATE TABLE adapter_blobs (
+        sha256 TEXT PRIMARY KEY,
+        data BYTEA NOT NULL
+    );
+    CREATE TABLE adapter_versions (
+        adapter_id TEXT COLLATE "C" NOT NULL,
+        version INTEGER NOT NULL,
+        sha256 TEXT NOT NULL REFERENCES adapter_blobs (sha256),
+        method TEXT NOT NULL,
+        n_params BIGINT NOT NULL,
+        size_bytes BIGINT NOT NULL,
+        source_format TEXT NOT NULL,
+        base_model TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        metadata JSONB NOT NULL DEFAULT '{}',
+        created_at DOUBLE PRECISION NOT NULL,
+        broken TEXT,
+        pinned BOOLEAN NOT NULL DEFAULT FALSE,
+        public BOOLEAN NOT NULL DEFAULT FALSE,
+        PRIMARY KEY (adapter_id, version)
+    );
+    CREATE INDEX adapter_versions_sha ON adapter_versions (sha256);
+    """,
+)
+# pg_advisory_xact_lock keys: the schema migration, and (hashed) each blob's sha256.
+_MIGRATION_LOCK = 0x5EC7A_0001
+_COLUMNS = (
+    "adapter_id, version, sha256, method, n_params, size_bytes, source_format, base_model, description, metadata, "
+    "created_at, broken, pinned, public"
+)
+# Which versions a caller of namespace %(namespace)s may see (NULL: every one): as the SQLite index's _VISIBLE.
+_VISIBLE = """(%(namespace)s::text IS NULL OR strpos(v.adapter_id, '/') = 0 OR v.public
+              OR left(v.adapter_id, length(%(namespace)s) + 1) = %(namespace)s || '/')"""
+_LATEST = "SELECT adapter_id, MAX(version) AS version FROM adapter_versions"
+
+
+def _record(row: dict[str, Any]) -> AdapterRecord:
+    return AdapterRecord(**row)
+
+
+class _Connection:
+    """One autocommit connection behind a lock; ``transaction()`` for writes, ``session()`` for single reads."""
+
+    def __init__(self, url: str):
+        self._url = url
+        self._lock = threading.Lock()
+        self._db = self._connect()
+
+    def _connect(self) -> psycopg.Connection:
+        return psycopg.connect(self._url, autocommit=True, row_factory=dict_row)
+
+    @contextmanager
+    def session(self) -> Iterator[psycopg.Connection]:
+        with self._lock:
+            if self._db.closed or self._db.broken:
+                logger.warning("store connection lost; reconnecting")
+                self._db = self._connect()
+            yield self._db
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        with self.session() as db, db.transaction():
+            yield db
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def migrate(connection: _Connection) -> int:
+    """Apply the schema steps this database lacks; returns the schema version now."""
+    with connection.transaction() as db:
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = db.execute("SELECT version FROM schema_version").fetchone()
+        current = row["version"] if row else 0
+        if current > len(MIGRATIONS):
+            raise RuntimeError(f"store schema version {current} is newer than this server's {len(MIGRATIONS)}")
+        for step in MIGRATIONS[current:]:
+            db.execute(step)
+        if row is None:
+            db.execute("INSERT INTO schema_version VALUES (%s)", (len(MIGRATIONS),))
+        else:
+            db.execute("UPDATE schema_version SET version = %s", (len(MIGRATIONS),))
+    if current < len(MIGRATIONS):
+        logger.info("store schema migrated from=%d to=%d", current, len(MIGRATIONS))
+    return len(MIGRATIONS)
+
+
+def _lock_blob(db: psycopg.Connection, sha256: str) -> None:
+    db.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (sha256,))
+
+
+class PostgresAdapterIndex:
+    """The versions that exist, read from the shared database (nothing cached: every replica sees every commit)."""
+
+    def __init__(self, connection: _Connection):
+        self._connection = connection
+
+    def get(self, adapter_id: str, version: int | None = None) -> AdapterRecord | None:
+        with self._connection.session() as db:
+            if version is None:
+                row = db.execute(
+                    f"SELECT {_COLUMNS} FROM adapter_versions WHERE adapter_id = %s ORDER BY version DESC LIMIT 1",
+                    (adapter_id,),
+                ).fetchone()
+            else:
+                row = db.execute(
+                    f"SELECT {_COLUMNS} FROM adapter_versions WHERE adapter_id = %s AND version = %s",
+                    (adapter_id, version),
+                ).fetchone()
+        return _record(row) if row else None
+
+    def versions(self, adapter_id: str) -> list[AdapterRecord]:
+        with self._connection.session() as db:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM adapter_versions WHERE adapter_id = %s ORDER BY version", (adapter_id,)
+            ).fetchall()
+        return [_record(row) for row in rows]
+
+    def list_latest(
+        self, *, prefix: str = "", after: str = "", limit: int = 100, visible_to: str | None = None
+    ) -> list[AdapterRecord]:
+        with self._connection.session() as db:
+            rows = db.execute(
+                f"""SELECT v.* FROM adapter_versions v
+                   JOIN ({_LATEST} WHERE adapter_id >= %(prefix)s AND adapter_id > %(after)s
+                               AND left(adapter_id, length(%(prefix)s)) = %(prefix)s
+                         GROUP BY adapter_id) latest
+                   USING (adapter_id, version)
+                   WHERE {_VISIBLE} ORDER BY v.adapter_id LIMIT %(limit)s""",
+                {"prefix": prefix, "after": after, "namespace": visible_to, "limit": limit},
+            ).fetchall()
+        return [_record(row) for row in rows]
+
+    def latest_ids(self, *, visible_to: str | None = None) -> list[str]:
+        with self._connection.session() as db:
+            rows = db.execute(
+                f"""SELECT v.adapter_id FROM adapter_versions v
+                   JOIN ({_LATEST} GROUP BY adapter_id) latest USING (adapter_id, version)
+                   WHERE v.broken IS NULL AND {_VISIBLE} ORDER BY v.adapter_id""",
+                {"namespace": visible_to},
+            ).fetchall()
+        return [row["adapter_id"] for row in rows]
+
+    def count_ids(self) -> int:
+        with self._connection.session() as db:
+            return int(db.execute("SELECT COUNT(DISTINCT adapter_id) AS n FROM adapter_versions").fetchone()["n"])
+
+    def pinned_records(self) -> list[AdapterRecord]:
+        with self._connection.session() as db:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM adapter_versions WHERE pinned ORDER BY adapter_id, version"
+            ).fetchall()
+        return [_record(row) for row in rows]
+
+    def mark_broken(self, adapter_id: str, version: int, reason: str | None) -> None:
+        with self._connection.session() as db:
+            db.execute(
+                "UPDATE adapter_versions SET broken = %s WHERE adapter_id = %s AND version = %s",
+                (reason, adapter_id, version),
+            )
+
+
+class PostgresAdapterStore:
+    """Adapter versions and their bytes in the database at ``url`` (``postgresql://USER@HOST:PORT/DB``)."""
+
+    def __init__(self, url: str):
+        self._connection = _Connection(url)
+        self.schema_version = migrate(self._connection)
+        self._index = PostgresAdapterIndex(self._connection)
+
+    @property
+    def index(self) -> PostgresAdapterIndex:
+        return self._index
+
+    def put(
+        self,
+        adapter_id: str,
+        data: bytes,
+        *,
+        method: str,
+        n_params: int,
+        source_format: str,
+        base_model: str,
+        description: str = "",
+        metadata: dict[str, Any] | None = None,
+        pinned: bool = False,
+        public: bool = False,
+    ) -> AdapterRecord:
+        """The blob (replaced when the stored copy fails its sha256: uploading again repairs a broken version)
+        and the next version's row, in one transaction."""
+        validate_adapter_id(adapter_id)
+        sha256 = hashlib.sha256(data).hexdigest()
+        with self._connection.transaction() as db:
+            _lock_blob(db, sha256)
+            db.execute(
+                """INSERT INTO adapter_blobs VALUES (%s, %s) ON CONFLICT (sha256) DO UPDATE SET data = EXCLUDED.data
+                   WHERE sha256(adapter_blobs.data) <> decode(adapter_blobs.sha256, 'hex')""",
+                (sha256, data),
+            )
+            version = db.execute(
+                """INSERT INTO adapter_ids VALUES (%s, 1)
+                   ON CONFLICT (adapter_id) DO UPDATE SET last_version = adapter_ids.last_version + 1
+                   RETURNING last_version""",
+                (adapter_id,),
+            ).fetchone()["last_version"]
+            row = db.execute(
+                f"""INSERT INTO adapter_versions ({_COLUMNS})
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, %s, %s) RETURNING {_COLUMNS}""",
+                (
+                    adapter_id,
+                    version,
+                    sha256,
+                    method,
+                    n_params,
+                    len(data),
+                    source_format,
+                    base_model,
+                    description,
+                    Jsonb(metadata or {}),
+                    time.time(),
+                    pinned,
+                    public,
+                ),
+            ).fetchone()
+        return _record(row)
+
+    def read(self, record: AdapterRecord) -> bytes:
+        with self._connection.session() as db:
+            row = db.execute("SELECT data FROM adapter_blobs WHERE sha256 = %s", (record.sha256,)).fetchone()
+        if row is None:
+            raise FileNotFoundError(f"blob {record.sha256} is missing")
+        data = bytes(row["data"])
+        if hashlib.sha256(data).hexdigest() != record.sha256:
+            raise BlobCorruptError(f"blob {record.sha256} fails its sha256 check")
+        return data
+
+    def delete(self, adapter_id: str, version: int | None = None) -> list[AdapterRecord]:
+        """The rows, and each blob no version refers to any more, in one transaction."""
+        if version is None:
+            where, params = "adapter_id = %s", (adapter_id,)
+        else:
+            where, params = "adapter_id = %s AND version = %s", (adapter_id, version)
+        with self._connection.transaction() as db:
+            rows = db.execute(f"DELETE FROM adapter_versions WHERE {where} RETURNING {_COLUMNS}", params).fetchall()
+            for sha256 in sorted({row["sha256"] for row in rows}):
+                _lock_blob(db, sha256)
+                db.execute(
+                    """DELETE FROM adapter_blobs b WHERE b.sha256 = %s
+                       AND NOT EXISTS (SELECT 1 FROM adapter_versions v WHERE v.sha256 = b.sha256)""",
+                    (sha256,),
+                )
+        return sorted((_record(row) for row in rows), key=lambda record: record.version)
+
+    def close(self) -> None:
+        self._connection.close()
