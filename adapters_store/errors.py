@@ -7,6 +7,10 @@ class StoreLockedError(RuntimeError):
     """Another process has the store open; two writers would corrupt each other's recovery."""
 
 
+class StoreUnavailableError(RuntimeError):
+    """A shared store (``--store``) that cannot be reached."""
+
+
 class BlobCorruptError(RuntimeError):
     """Stored bytes that no longer hash to their sha256."""
 

@@ -35,7 +35,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from adapters_store.errors import BlobCorruptError
+from adapters_store.errors import BlobCorruptError, StoreUnavailableError
 from adapters_store.ids import validate_adapter_id
 from adapters_store.records import AdapterRecord
 
@@ -97,7 +97,10 @@ class _Connection:
         self._db = self._connect()
 
     def _connect(self) -> psycopg.Connection:
-        return psycopg.connect(self._url, autocommit=True, row_factory=dict_row)
+        try:
+            return psycopg.connect(self._url, autocommit=True, row_factory=dict_row)
+        except psycopg.OperationalError as error:
+            raise StoreUnavailableError(f"cannot connect to the store: {error}") from error
 
     @contextmanager
     def session(self) -> Iterator[psycopg.Connection]:

@@ -1,7 +1,8 @@
 """Build the model runner, adapter registry, engine, file store and app from settings, and run uvicorn.
 
-The composition root: the one module that builds the stores' embedded backend (``adapters_store``'s SQLite
-classes); everything else is typed against ``adapters_store.interfaces`` (docs/store.md, "Layers").
+The composition root: the one module that builds the stores' backends (``adapters_store``'s SQLite classes, and
+the PostgreSQL adapter store for ``--store``); everything else is typed against ``adapters_store.interfaces``
+(docs/store.md, "Layers").
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from adapters_store.errors import StoreLockedError
+from adapters_store.errors import StoreLockedError, StoreUnavailableError
 from adapters_store.files import FileStore
-from adapters_store.interfaces import FileRepository
+from adapters_store.interfaces import AdapterRepository, FileRepository
 from adapters_store.jobs import JobStore
+from adapters_store.postgres import PostgresAdapterStore
 from adapters_store.store import AdapterStore
 from server.api.auth import ExposureError, KeysFileError, check_exposure, key_ring
 from server.engine.adapters import AdapterRegistry
@@ -52,6 +54,15 @@ def store_startup_adapters(registry: AdapterRegistry, adapters: dict[str, Path],
         )
 
 
+def build_adapter_store(settings: ServerSettings) -> AdapterRepository:
+    """``--store``'s PostgreSQL database, shared with other replicas; else the embedded store in ``--data-dir``."""
+    if settings.store is None:
+        return AdapterStore(settings.data_dir / "adapters")
+    store = PostgresAdapterStore(settings.store)
+    logger.info("adapter store postgresql schema_version=%d", store.schema_version)
+    return store
+
+
 def build_engine(settings: ServerSettings) -> Engine:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     model_path = settings.model or str(ensure_default_model(settings.data_dir))
@@ -61,7 +72,7 @@ def build_engine(settings: ServerSettings) -> Engine:
         runner.bank,
         runner.module_shapes,
         runner.architecture,
-        AdapterStore(settings.data_dir / "adapters"),
+        build_adapter_store(settings),
         base_model=name,
         memory_budget_bytes=settings.adapter_memory,
     )
@@ -96,6 +107,9 @@ def serve(settings: ServerSettings) -> None:
         files = FileStore(settings.data_dir / "files")
     except StoreLockedError as error:
         logger.error("%s; stop it or use another --data-dir", error)
+        raise SystemExit(1) from error
+    except StoreUnavailableError as error:
+        logger.error("%s; check --store", error)
         raise SystemExit(1) from error
     engine.start()
     jobs = build_jobs(engine, files, settings)

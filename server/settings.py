@@ -35,6 +35,12 @@ class ServerSettings(BaseSettings):
         None, description="the base model's name in /v1/models and responses; unset: the model directory's name"
     )
     data_dir: Path = Field("./data", description="models, adapters, training files and jobs")
+    store: str | None = Field(
+        None,
+        description="the adapter store shared by replicas: a PostgreSQL database (docs/store.md); training files "
+        "and jobs stay in --data-dir; unset: the embedded store in --data-dir",
+        json_schema_extra={"metavar": "postgresql://USER@HOST:PORT/DB"},
+    )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8080, ge=1, le=65535, description="port to listen on")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -158,6 +164,13 @@ class ServerSettings(BaseSettings):
         description="requests one key may have in flight (429 with Retry-After beyond); a key's own limit wins",
         json_schema_extra=LIMIT,
     )
+
+    @field_validator("store")
+    @classmethod
+    def _postgresql_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"expected postgresql://USER@HOST:PORT/DB, got {value!r}")
+        return value
 
     @field_validator("adapters", mode="before")
     @classmethod
