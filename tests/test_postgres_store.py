@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from adapters_store.errors import BlobCorruptError
+from adapters_store.errors import BlobCorruptError, StoreUnavailableError
 from adapters_store.postgres import MIGRATIONS, PostgresAdapterStore
 
 pytest_plugins = ["tests.postgres_fixtures"]
@@ -126,3 +126,10 @@ def test_a_dropped_connection_is_reopened(replicas, database: str) -> None:
     with pytest.raises(psycopg.OperationalError):
         a.index.get("x")
     assert a.index.get("x").version == 1
+
+
+def test_an_unreachable_store_is_a_store_error() -> None:
+    from tests.http_fixtures import free_port
+
+    with pytest.raises(StoreUnavailableError, match="cannot connect to the store"):
+        PostgresAdapterStore(f"postgresql://postgres@127.0.0.1:{free_port()}/none?connect_timeout=5")

@@ -111,3 +111,11 @@ def test_info_limits_are_every_limit_setting_with_the_served_values(http_server:
         max_input_tokens=MAX_INPUT_TOKENS, max_total_tokens=MAX_TOTAL_TOKENS, max_new_tokens=MAX_TOTAL_TOKENS
     )
     assert limits == served.limits()
+
+
+def test_the_store_takes_a_postgresql_url_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ServerSettings().store is None
+    monkeypatch.setenv("SPECTRA_STORE", "postgresql://spectra@db:5432/spectra")
+    assert ServerSettings().store == "postgresql://spectra@db:5432/spectra"
+    with pytest.raises(ValidationError, match="expected postgresql://USER@HOST:PORT/DB"):
+        ServerSettings(store="sqlite:///tmp/x")
