@@ -8,6 +8,7 @@ running requests, adapters, jobs by status) is read from the live engine at scra
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -149,6 +150,10 @@ class ServingState(Protocol):
         """``adapters_registered``, ``adapters_resident``, ``adapter_bank_bytes``, ``kv_cache_bytes``."""
         ...
 
+    def adapter_activity(self) -> tuple[int, list[str], list[str]]:
+        """The most adapters one batch can apply, and the adapter ids of running and of waiting requests."""
+        ...
+
 
 class JobState(Protocol):
     def status_counts(self) -> dict[str, int]: ...
@@ -183,11 +188,25 @@ class ServerStateCollector(Collector):
         values = serving.gauges()
         for name, description in STATE_GAUGES.items():
             yield GaugeMetricFamily(f"{NAMESPACE}_{name}", description, values[name])
+        yield _lora_requests_info(*serving.adapter_activity())
         by_status = jobs.status_counts()
         family = GaugeMetricFamily(f"{NAMESPACE}_finetune_jobs", "Fine-tuning jobs by status.", labels=["status"])
         for status in JOB_STATUSES:
             family.add_metric([status], by_status.get(status, 0))
         yield family
+
+
+def _lora_requests_info(max_lora: int, running: list[str], waiting: list[str]) -> GaugeMetricFamily:
+    """vLLM's gauge for adapter-aware routers (the Gateway API Inference Extension's model-server protocol,
+    which llm-d and GIE endpoint pickers read): one sample whose labels carry the state and whose value is
+    the time it was read, in vLLM's name and label spelling (comma-separated ids)."""
+    family = GaugeMetricFamily(
+        "vllm:lora_requests_info",
+        "Running and waiting adapters (labels); the value is when they were read (Unix seconds).",
+        labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+    )
+    family.add_metric([str(max_lora), ",".join(running), ",".join(waiting)], time.time())
+    return family
 
 
 SERVER_STATE = ServerStateCollector()

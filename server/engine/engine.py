@@ -132,6 +132,18 @@ class Engine:
             "kv_cache_bytes": kv_cache.bytes if kv_cache is not None else 0,
         }
 
+    def adapter_activity(self) -> tuple[int, list[str], list[str]]:
+        """For ``vllm:lora_requests_info``: every row may name its own adapter, so a batch applies up to
+        ``--max-batch-size`` of them; ids in order of first appearance, blends contributing each of theirs."""
+        with self._wakeup:
+            running = [*self.scheduler.running, *([self.scheduler.chunked] if self.scheduler.chunked else [])]
+            waiting = list(self.scheduler.waiting)
+
+        def ids(sequences: list[Sequence]) -> list[str]:
+            return list(dict.fromkeys(adapter for sequence in sequences for adapter in sequence.request.adapters))
+
+        return self.settings.max_batch_size, ids(running), ids(waiting)
+
     def info(self) -> dict:
         return {
             "model_id": self.model_name,
