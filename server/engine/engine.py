@@ -167,17 +167,13 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         self._validate(request)
+        # Before the leases: a grammar that does not compile then has nothing to give back.
+        grammar = request.params.grammar
+        matcher = self.grammars.matcher(grammar) if grammar is not None else None
         leases: list[tuple[AdapterLease, float]] = []
         try:
             for adapter_id, weight in request.adapters.items():
                 leases.append((self.registry.lease(adapter_id), weight))
-        except Exception:
-            for lease, _ in leases:
-                lease.release()
-            raise
-        grammar = request.params.grammar
-        try:
-            matcher = self.grammars.matcher(grammar) if grammar is not None else None
         except Exception:
             for lease, _ in leases:
                 lease.release()
