@@ -21,7 +21,15 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from adapters_store.records import AdapterRecord, CheckpointRecord, EventRecord, FileRecord, JobRecord
+from adapters_store.records import (
+    AdapterChange,
+    AdapterRecord,
+    CheckpointRecord,
+    EventRecord,
+    FileRecord,
+    GarbageReport,
+    JobRecord,
+)
 
 
 @runtime_checkable
@@ -84,6 +92,35 @@ class AdapterRepository(Protocol):
     def delete(self, adapter_id: str, version: int | None = None) -> list[AdapterRecord]:
         """Delete one version, or every version when ``version`` is None; returns what was deleted. Bytes go
         with the last version that refers to them."""
+
+
+@runtime_checkable
+class AdapterChangeFeed(Protocol):
+    """The changes other replicas made to a shared adapter store, for the registry to follow (deletes, pins
+    and broken marks reaching resident copies). Only shared backends have one: the embedded store has a
+    single writer, the registry that made the change."""
+
+    def last_seq(self) -> int:
+        """The newest change's ``seq`` (0 when there is none): where a follower starting now begins."""
+
+    def changes_after(self, seq: int, *, limit: int = 1000) -> list[AdapterChange]:
+        """Changes with ``seq`` greater than ``seq``, oldest first; :class:`UnknownCursorError` when changes
+        after ``seq`` were already pruned (the follower must resynchronise from the catalog)."""
+
+    def wait(self, timeout: float) -> None:
+        """Block until a change may have been committed, or ``timeout`` seconds pass."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class StoreMaintenance(Protocol):
+    """Garbage collection of a shared store: a singleton by lease, so no two replicas sweep at once, and never
+    part of a start (a replica starting must not delete what another is writing)."""
+
+    def collect_garbage(self, owner: str, *, lease_seconds: float, grace_seconds: float) -> GarbageReport | None:
+        """Remove what is unreachable and older than ``grace_seconds`` while ``owner`` holds the lease
+        (renewed by the call, good for ``lease_seconds``); None when another owner holds it."""
 
 
 @runtime_checkable

@@ -35,9 +35,9 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from adapters_store.errors import BlobCorruptError, StoreUnavailableError
+from adapters_store.errors import BlobCorruptError, StoreUnavailableError, UnknownCursorError
 from adapters_store.ids import validate_adapter_id
-from adapters_store.records import AdapterRecord
+from adapters_store.records import AdapterChange, AdapterChangeKind, AdapterRecord, GarbageReport
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +71,34 @@ MIGRATIONS = (
     );
     CREATE INDEX adapter_versions_sha ON adapter_versions (sha256);
     """,
+    """
+    CREATE TABLE adapter_changes (
+        seq BIGINT PRIMARY KEY,
+        adapter_id TEXT COLLATE "C" NOT NULL,
+        version INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE adapter_change_counter (
+        only_row BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row),
+        last_seq BIGINT NOT NULL,
+        pruned_through BIGINT NOT NULL
+    );
+    INSERT INTO adapter_change_counter VALUES (TRUE, 0, 0);
+    CREATE TABLE store_leases (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
+    );
+    ALTER TABLE adapter_blobs ADD COLUMN created_at DOUBLE PRECISION NOT NULL DEFAULT extract(epoch FROM now());
+    """,
 )
 # pg_advisory_xact_lock keys: the schema migration, and (hashed) each blob's sha256.
 _MIGRATION_LOCK = 0x5EC7A_0001
+CHANGES_CHANNEL = "spectra_adapter_changes"
+_GC_LEASE = "garbage-collection"
+# The database's clock, so leases held by replicas on different hosts expire by one clock.
+_NOW = "extract(epoch FROM clock_timestamp())"
 _COLUMNS = (
     "adapter_id, version, sha256, method, n_params, size_bytes, source_format, base_model, description, metadata, "
     "created_at, broken, pinned, public"
@@ -104,11 +129,17 @@ class _Connection:
 
     @contextmanager
     def session(self) -> Iterator[psycopg.Connection]:
+        """The connection, reopened first if the server dropped it. A call that finds the connection gone
+        mid-statement raises :class:`StoreUnavailableError` (whether a write in flight committed is then
+        unknown, as with any lost connection); the next call reconnects."""
         with self._lock:
             if self._db.closed or self._db.broken:
                 logger.warning("store connection lost; reconnecting")
                 self._db = self._connect()
-            yield self._db
+            try:
+                yield self._db
+            except psycopg.OperationalError as error:
+                raise StoreUnavailableError(f"the store connection failed: {error}") from error
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
@@ -142,6 +173,17 @@ def migrate(connection: _Connection) -> int:
 
 def _lock_blob(db: psycopg.Connection, sha256: str) -> None:
     db.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (sha256,))
+
+
+def _record_change(db: psycopg.Connection, adapter_id: str, version: int, kind: AdapterChangeKind) -> None:
+    """Append a change to the feed inside the writing transaction, last. The counter row stays locked until
+    commit, so changes commit in ``seq`` order: a reader that sees ``seq`` N has every change before it, and
+    catching up by ``seq`` cannot skip one. The NOTIFY goes out at commit, and only if it commits."""
+    seq = db.execute("UPDATE adapter_change_counter SET last_seq = last_seq + 1 RETURNING last_seq").fetchone()[
+        "last_seq"
+    ]
+    db.execute("INSERT INTO adapter_changes VALUES (%s, %s, %s, %s, %s)", (seq, adapter_id, version, kind, time.time()))
+    db.execute("SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, str(seq)))
 
 
 class PostgresAdapterIndex:
@@ -208,17 +250,20 @@ class PostgresAdapterIndex:
         return [_record(row) for row in rows]
 
     def mark_broken(self, adapter_id: str, version: int, reason: str | None) -> None:
-        with self._connection.session() as db:
-            db.execute(
+        with self._connection.transaction() as db:
+            marked = db.execute(
                 "UPDATE adapter_versions SET broken = %s WHERE adapter_id = %s AND version = %s",
                 (reason, adapter_id, version),
-            )
+            ).rowcount
+            if marked:
+                _record_change(db, adapter_id, version, "broken")
 
 
 class PostgresAdapterStore:
     """Adapter versions and their bytes in the database at ``url`` (``postgresql://USER@HOST:PORT/DB``)."""
 
     def __init__(self, url: str):
+        self.url = url
         self._connection = _Connection(url)
         self.schema_version = migrate(self._connection)
         self._index = PostgresAdapterIndex(self._connection)
@@ -277,6 +322,7 @@ class PostgresAdapterStore:
                     public,
                 ),
             ).fetchone()
+            _record_change(db, adapter_id, version, "put")
         return _record(row)
 
     def read(self, record: AdapterRecord) -> bytes:
@@ -304,7 +350,111 @@ class PostgresAdapterStore:
                        AND NOT EXISTS (SELECT 1 FROM adapter_versions v WHERE v.sha256 = b.sha256)""",
                     (sha256,),
                 )
+            for row in sorted(rows, key=lambda row: row["version"]):
+                _record_change(db, row["adapter_id"], row["version"], "delete")
         return sorted((_record(row) for row in rows), key=lambda record: record.version)
+
+    def collect_garbage(self, owner: str, *, lease_seconds: float, grace_seconds: float) -> GarbageReport | None:
+        """Prune the change feed and sweep orphan blobs, if ``owner`` holds (or takes) the garbage-collection
+        lease; None when another replica holds it.
+
+        Only what is older than ``grace_seconds`` goes: a change a follower may still need to read, or a
+        blob a transaction committed moments ago. Each orphan is re-checked under its blob lock, so a put
+        of the same bytes racing the sweep keeps them. A put and a delete are single transactions, so
+        orphans are not expected; the sweep is there for rows left by hand or by an older server.
+        """
+        with self._connection.transaction() as db:
+            held = db.execute(
+                f"""INSERT INTO store_leases VALUES (%(name)s, %(owner)s, {_NOW} + %(ttl)s)
+                    ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+                    WHERE store_leases.owner = EXCLUDED.owner OR store_leases.expires_at < {_NOW}
+                    RETURNING owner""",
+                {"name": _GC_LEASE, "owner": owner, "ttl": lease_seconds},
+            ).fetchone()
+        if held is None:
+            return None
+        with self._connection.transaction() as db:
+            pruned = db.execute(
+                f"DELETE FROM adapter_changes WHERE created_at < {_NOW} - %s RETURNING seq", (grace_seconds,)
+            ).fetchall()
+            if pruned:
+                db.execute(
+                    "UPDATE adapter_change_counter SET pruned_through = GREATEST(pruned_through, %s)",
+                    (max(row["seq"] for row in pruned),),
+                )
+        orphans = 0
+        with self._connection.session() as db:
+            candidates = db.execute(
+                f"""SELECT sha256 FROM adapter_blobs b WHERE created_at < {_NOW} - %s
+                    AND NOT EXISTS (SELECT 1 FROM adapter_versions v WHERE v.sha256 = b.sha256)""",
+                (grace_seconds,),
+            ).fetchall()
+        for row in candidates:
+            with self._connection.transaction() as db:
+                _lock_blob(db, row["sha256"])
+                orphans += db.execute(
+                    """DELETE FROM adapter_blobs b WHERE b.sha256 = %s
+                       AND NOT EXISTS (SELECT 1 FROM adapter_versions v WHERE v.sha256 = b.sha256)""",
+                    (row["sha256"],),
+                ).rowcount
+        report = GarbageReport(changes_pruned=len(pruned), orphan_blobs=orphans)
+        if report.changes_pruned or report.orphan_blobs:
+            logger.info("store garbage collected owner=%s changes=%d orphan_blobs=%d", owner, len(pruned), orphans)
+        return report
 
     def close(self) -> None:
         self._connection.close()
+
+
+class PostgresChangeFeed:
+    """The adapter change feed of the database at ``url``: an :class:`adapters_store.interfaces.AdapterChangeFeed`.
+
+    It has a connection of its own, LISTENing on :data:`CHANGES_CHANNEL`; the rows of ``adapter_changes`` are
+    the truth and the notifications only wake the follower, so a notification lost while disconnected costs
+    nothing: the follower reads by ``seq`` after it reconnects. One follower thread uses it.
+    """
+
+    def __init__(self, url: str):
+        self._url = url
+        self._lock = threading.Lock()
+        self._db: psycopg.Connection | None = None
+
+    @contextmanager
+    def _session(self) -> Iterator[psycopg.Connection]:
+        with self._lock:
+            try:
+                if self._db is None or self._db.closed or self._db.broken:
+                    self._db = psycopg.connect(self._url, autocommit=True, row_factory=dict_row)
+                    self._db.execute(f"LISTEN {CHANGES_CHANNEL}")
+                yield self._db
+            except psycopg.OperationalError as error:
+                raise StoreUnavailableError(f"the store's change feed failed: {error}") from error
+
+    def last_seq(self) -> int:
+        with self._session() as db:
+            return int(db.execute("SELECT last_seq FROM adapter_change_counter").fetchone()["last_seq"])
+
+    def changes_after(self, seq: int, *, limit: int = 1000) -> list[AdapterChange]:
+        with self._session() as db, db.transaction():
+            # One snapshot for the watermark and the rows: a prune between them cannot hide a gap.
+            db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            pruned_through = db.execute("SELECT pruned_through FROM adapter_change_counter").fetchone()[
+                "pruned_through"
+            ]
+            if seq < pruned_through:
+                raise UnknownCursorError(f"changes after {seq} were pruned (through {pruned_through})")
+            rows = db.execute(
+                "SELECT seq, adapter_id, version, kind FROM adapter_changes WHERE seq > %s ORDER BY seq LIMIT %s",
+                (seq, limit),
+            ).fetchall()
+        return [AdapterChange(**row) for row in rows]
+
+    def wait(self, timeout: float) -> None:
+        with self._session() as db:
+            for _ in db.notifies(timeout=timeout, stop_after=1):
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()

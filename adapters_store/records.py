@@ -39,6 +39,29 @@ class AdapterRecord:
         return namespace if slash else None
 
 
+AdapterChangeKind = Literal["put", "delete", "broken"]
+
+
+@dataclass(frozen=True)
+class AdapterChange:
+    """One committed change to a shared store's adapter versions, in commit order (``seq`` increases with each
+    commit and has no gaps a reader could skip): what another replica's resident copies must follow. ``broken``
+    covers both setting and clearing the mark; the record says which."""
+
+    seq: int
+    adapter_id: str
+    version: int
+    kind: AdapterChangeKind
+
+
+@dataclass(frozen=True)
+class GarbageReport:
+    """What one garbage collection of a shared store removed."""
+
+    changes_pruned: int
+    orphan_blobs: int
+
+
 @dataclass(frozen=True)
 class FileRecord:
     """One uploaded training file; its bytes are the blob named by ``sha256``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -19,12 +20,13 @@ from adapters_store.errors import StoreLockedError, StoreUnavailableError
 from adapters_store.files import FileStore
 from adapters_store.interfaces import AdapterRepository, FileRepository
 from adapters_store.jobs import JobStore
-from adapters_store.postgres import PostgresAdapterStore
+from adapters_store.postgres import PostgresAdapterStore, PostgresChangeFeed
 from adapters_store.store import AdapterStore
 from server.api.auth import ExposureError, KeysFileError, check_exposure, key_ring
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine
 from server.engine.model_runner import ModelRunner
+from server.engine.store_follower import StoreFollower
 from server.finetune.jobs import JobManager
 from server.logging_setup import configure_logging
 from server.models.embedded import DEFAULT_MODEL_NAME, ensure_default_model
@@ -63,22 +65,32 @@ def build_adapter_store(settings: ServerSettings) -> AdapterRepository:
     return store
 
 
-def build_engine(settings: ServerSettings) -> Engine:
+def replica_id() -> str:
+    """Who holds a shared store's leases: unique among live replicas on any number of hosts."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def build_engine(settings: ServerSettings) -> tuple[Engine, StoreFollower | None]:
+    """The engine, and for a shared store the follower of its change feed (started with the engine)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     model_path = settings.model or str(ensure_default_model(settings.data_dir))
     runner = ModelRunner(model_path, dtype=settings.dtype, device=settings.device)
     name = settings.served_model_name or (Path(model_path).name if settings.model else DEFAULT_MODEL_NAME)
+    store = build_adapter_store(settings)
     registry = AdapterRegistry(
         runner.bank,
         runner.module_shapes,
         runner.architecture,
-        build_adapter_store(settings),
+        store,
         base_model=name,
         memory_budget_bytes=settings.adapter_memory,
     )
+    follower = None
+    if isinstance(store, PostgresAdapterStore):
+        follower = StoreFollower(registry, PostgresChangeFeed(store.url), store, replica_id=replica_id())
     store_startup_adapters(registry, settings.adapters, settings.max_adapter_bytes)
     registry.load_pinned()
-    return Engine(runner, registry, settings, name)
+    return Engine(runner, registry, settings, name), follower
 
 
 def build_jobs(engine: Engine, files: FileRepository, settings: ServerSettings) -> JobManager:
@@ -103,7 +115,7 @@ def serve(settings: ServerSettings) -> None:
         logger.error("%s", error)
         raise SystemExit(2) from error
     try:
-        engine = build_engine(settings)
+        engine, follower = build_engine(settings)
         files = FileStore(settings.data_dir / "files")
     except StoreLockedError as error:
         logger.error("%s; stop it or use another --data-dir", error)
@@ -112,6 +124,8 @@ def serve(settings: ServerSettings) -> None:
         logger.error("%s; check --store", error)
         raise SystemExit(1) from error
     engine.start()
+    if follower is not None:
+        follower.start()
     jobs = build_jobs(engine, files, settings)
     jobs.start()
     logger.info("serving model=%s on http://%s:%d", engine.model_name, settings.host, settings.port)
@@ -123,5 +137,7 @@ def serve(settings: ServerSettings) -> None:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None)
     finally:
         jobs.stop()
+        if follower is not None:
+            follower.stop()
         engine.stop()
         files.close()

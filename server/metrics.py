@@ -102,6 +102,14 @@ ADAPTER_REQUESTS = Counter(
     "adapter_requests", "Generation requests by adapter id (bounded: see --metrics-adapter-labels).", ["adapter"],
     namespace=NAMESPACE, registry=REGISTRY,
 )  # fmt: skip
+ADAPTER_CHANGES_FOLLOWED = Counter(
+    "adapter_changes_followed", "Changes of a shared store's adapters applied here, by kind (put, delete, broken).",
+    ["kind"], namespace=NAMESPACE, registry=REGISTRY,
+)  # fmt: skip
+ADAPTER_RESYNCS = Counter(
+    "adapter_resyncs", "Registry resynchronisations after changes were pruned before this replica read them.",
+    namespace=NAMESPACE, registry=REGISTRY,
+)  # fmt: skip
 FINETUNE_STEPS = Counter("finetune_steps", "Fine-tuning optimizer steps.", namespace=NAMESPACE, registry=REGISTRY)
 FINETUNE_LAST_LOSS = Gauge(
     "finetune_last_train_loss", "Training loss of the latest optimizer step of any job.",

@@ -12,9 +12,16 @@ from pathlib import Path
 import pytest
 
 from adapters_store.files import FileStore
-from adapters_store.interfaces import AdapterCatalog, AdapterRepository, FileRepository, JobRepository
+from adapters_store.interfaces import (
+    AdapterCatalog,
+    AdapterChangeFeed,
+    AdapterRepository,
+    FileRepository,
+    JobRepository,
+    StoreMaintenance,
+)
 from adapters_store.jobs import JobStore
-from adapters_store.postgres import PostgresAdapterStore
+from adapters_store.postgres import PostgresAdapterStore, PostgresChangeFeed
 from adapters_store.store import AdapterStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +35,8 @@ NEUTRAL = {"errors", "ids", "interfaces", "records", "durable"}
 COMPOSITION_ROOT = REPO / "server" / "main.py"
 pytest_plugins = ["tests.postgres_fixtures"]
 PROTOCOLS = {"adapters": AdapterRepository, "catalog": AdapterCatalog, "files": FileRepository, "jobs": JobRepository}
+# Only a shared store has these: the embedded one has a single writer and recovers under its lock at start.
+SHARED_PROTOCOLS = {"changes": AdapterChangeFeed, "maintenance": StoreMaintenance}
 
 
 def _imports(path: Path) -> list[str]:
@@ -97,9 +106,11 @@ def postgresql(postgres_url: str):
     """The PostgreSQL backend (adapters only, so far), on a fresh database."""
     from tests.postgres_fixtures import fresh_database
 
-    adapters = PostgresAdapterStore(fresh_database(postgres_url))
-    yield {"adapters": adapters, "catalog": adapters.index}
+    database = fresh_database(postgres_url)
+    adapters, changes = PostgresAdapterStore(database), PostgresChangeFeed(database)
+    yield {"adapters": adapters, "catalog": adapters.index, "changes": changes, "maintenance": adapters}
     adapters.close()
+    changes.close()
 
 
 @pytest.mark.parametrize("kind", PROTOCOLS)
@@ -107,9 +118,9 @@ def test_the_embedded_backend_implements_the_interfaces(embedded: dict, kind: st
     _check_implements(embedded[kind], PROTOCOLS[kind], kind)
 
 
-@pytest.mark.parametrize("kind", ["adapters", "catalog"])
+@pytest.mark.parametrize("kind", ["adapters", "catalog", *SHARED_PROTOCOLS])
 def test_the_postgresql_backend_implements_the_adapter_interfaces(postgresql: dict, kind: str) -> None:
-    _check_implements(postgresql[kind], PROTOCOLS[kind], kind)
+    _check_implements(postgresql[kind], (PROTOCOLS | SHARED_PROTOCOLS)[kind], kind)
 
 
 def _check_implements(store: object, protocol: type, kind: str) -> None:

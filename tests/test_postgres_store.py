@@ -115,7 +115,7 @@ def test_a_newer_schema_is_refused(database: str) -> None:
         PostgresAdapterStore(database)
 
 
-def test_a_dropped_connection_is_reopened(replicas, database: str) -> None:
+def test_a_dropped_connection_is_a_store_error_then_reopened(replicas, database: str) -> None:
     a, _ = replicas
     _put(a, "x", b"1")
     with psycopg.connect(database, autocommit=True) as db:
@@ -123,7 +123,7 @@ def test_a_dropped_connection_is_reopened(replicas, database: str) -> None:
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
             "AND pid <> pg_backend_pid()"
         )
-    with pytest.raises(psycopg.OperationalError):
+    with pytest.raises(StoreUnavailableError, match="the store connection failed"):
         a.index.get("x")
     assert a.index.get("x").version == 1
 

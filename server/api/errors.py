@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adapters_store.errors import FileBrokenError
+from adapters_store.errors import FileBrokenError, StoreUnavailableError
 from adapters_store.ids import InvalidAdapterIdError
 from server.api.schemas.common import ErrorBody, ErrorResponse
 from server.engine.types import EngineError
@@ -102,6 +102,11 @@ async def _file_broken_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(str(exc), 409, param="file_id")
 
 
+async def _store_unavailable_error(_: Request, exc: Exception) -> JSONResponse:
+    logger.warning("store unavailable: %s", exc)
+    return error_response(f"{exc}; retry", 503, headers={"Retry-After": "1"})
+
+
 async def _adapter_id_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(str(exc), 422, param="adapter_id")
 
@@ -154,6 +159,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidAdapterIdError, _adapter_id_error)
     app.add_exception_handler(TrainingFileError, _training_file_error)
     app.add_exception_handler(FileBrokenError, _file_broken_error)
+    app.add_exception_handler(StoreUnavailableError, _store_unavailable_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(CatchAllMiddleware)

@@ -23,7 +23,7 @@ from typing import Any
 from adapters_store.errors import BlobCorruptError
 from adapters_store.ids import InvalidAdapterIdError, parse_ref, validate_adapter_id
 from adapters_store.interfaces import AdapterRepository
-from adapters_store.records import AdapterRecord
+from adapters_store.records import AdapterChange, AdapterRecord
 from server import metrics
 from server.engine.types import EngineError, UnknownAdapterError
 from server.spectral.adapter import SpectralAdapter
@@ -203,7 +203,11 @@ class AdapterRegistry:
         if pin:
             version = AdapterVersion(record.adapter_id, record.version, adapter, cost, pinned=True)
             with self._lock:
-                self._versions[version.key] = version
+                followed = self._versions.setdefault(version.key, version)
+                if followed is not version:
+                    # The change feed saw the commit first and pinned the stored copy, counting its cost.
+                    self._held_bytes -= cost
+                    version = followed
             self.ensure_loaded(version)
         return record
 
@@ -220,25 +224,21 @@ class AdapterRegistry:
 
     def load_pinned(self) -> int:
         """At start: make every pinned, intact version resident again; returns how many were loaded."""
-        loaded = 0
-        for record in self.store.index.pinned_records():
-            if record.broken:
-                continue
-            try:
-                self.ensure_loaded(self._hold(record, None, pin=True))
-                loaded += 1
-            except EngineError as error:
-                logger.error("pinned adapter not loaded id=%s version=%d: %s", record.adapter_id, record.version, error)
-        return loaded
+        return sum(self._pin_stored(record) for record in self.store.index.pinned_records() if not record.broken)
 
     def delete(self, ref: str) -> list[AdapterRecord]:
         """Delete ``id`` (all versions) or ``id@N``; in-flight requests finish on what they leased."""
         parsed = self._parse(ref)
         deleted = self.store.delete(parsed.adapter_id, parsed.version)
+        self._retire([(record.adapter_id, record.version) for record in deleted])
+        return deleted
+
+    def _retire(self, keys: list[tuple[str, int]]) -> None:
+        """Stop holding these versions: unpinned now, forgotten (and unloaded) once no request leases them."""
         retired = []
         with self._lock:
-            for record in deleted:
-                version = self._versions.get((record.adapter_id, record.version))
+            for key in keys:
+                version = self._versions.get(key)
                 if version is None:
                     continue
                 version.deleted = True
@@ -249,7 +249,44 @@ class AdapterRegistry:
                 if not version.held:
                     retired.append(self._forget_locked(version))
         self._unload_slots(retired)
-        return deleted
+
+    # -- other replicas' changes (docs/store.md, "Change feed") --------------------------------
+
+    def follow(self, change: AdapterChange) -> None:
+        """Bring this replica's copy of a version in line with a committed change, whoever made it (a
+        replica's own changes come back too, and find nothing left to do).
+
+        A deleted or broken version is retired (requests holding it finish on it); a pinned version, or one
+        whose broken mark was cleared, is pinned here too. Anything else needs nothing: leases resolve ids
+        through the store, so a new version is servable here as soon as it is committed.
+        """
+        key = (change.adapter_id, change.version)
+        record = None if change.kind == "delete" else self.store.index.get(*key)
+        if record is None or record.broken:
+            self._retire([key])
+        elif record.pinned:
+            self._pin_stored(record)
+
+    def resynchronise(self) -> None:
+        """After changes were missed (pruned from the feed): check every version held here against the
+        catalog, and pin what is pinned there."""
+        with self._lock:
+            keys = list(self._versions)
+        gone = []
+        for key in keys:
+            record = self.store.index.get(*key)
+            if record is None or record.broken:
+                gone.append(key)
+        self._retire(gone)
+        self.load_pinned()
+
+    def _pin_stored(self, record: AdapterRecord) -> bool:
+        try:
+            self.ensure_loaded(self._hold(record, None, pin=True))
+        except EngineError as error:
+            logger.error("pinned adapter not loaded id=%s version=%d: %s", record.adapter_id, record.version, error)
+            return False
+        return True
 
     # -- leases ------------------------------------------------------------------------------
 
