@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -62,9 +63,10 @@ def fresh_database(url: str) -> str:
     return f"{url.rsplit('/', 1)[0]}/{name}"
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """``postgresql://postgres@127.0.0.1:PORT/spectra`` on a cluster started for this session."""
+@contextmanager
+def throwaway_cluster() -> Iterator[str]:
+    """A cluster in a temp dir on a free loopback port, stopped and removed on exit; yields the URL of its
+    ``spectra`` database (``postgresql://postgres@127.0.0.1:PORT/spectra``). The benchmarks use it too."""
     bin_dir = _bin_dir()
     root = Path(tempfile.mkdtemp(prefix="spectra-pg-"))
     if os.geteuid() == 0:
@@ -85,3 +87,10 @@ def postgres_url() -> Iterator[str]:
             _run(bin_dir / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The ``spectra`` database of a :func:`throwaway_cluster` started once for the session."""
+    with throwaway_cluster() as url:
+        yield url

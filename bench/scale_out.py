@@ -1,0 +1,154 @@
+"""Scale-out: one replica against two over one PostgreSQL store, and how fast a change reaches the other replica.
+
+Everything runs in this one process run, on a throwaway PostgreSQL cluster (``tests/postgres_fixtures.py``):
+
+1. Propagation, two ``spectra serve --store`` processes A and B (one torch thread each): ``--uploads`` native
+   adapters are uploaded to A one at a time; after each 201, B is asked for one token with the new id until it
+   answers 200 (upload -> servable on the other replica). Then each id is deleted on A and B is asked until it
+   answers 404, and a pinned upload on A is timed until B's ``spectra_adapters_resident`` counts it.
+2. Throughput, ``spectra serve --replicas R --store ...`` behind Ray Serve's proxy for R = 1 then 2, each
+   replica one torch thread, under the bench/load.py mix (streaming TGI and OpenAI clients, base and
+   ``--adapters`` adapters): generated tokens/s of two replicas over one (the ratio is the claim; the machine
+   is noisy), and the adapter-affinity hit rate: of the adapter requests in the window, the share served by a
+   replica that already had the adapter resident (1 - bank loads / adapter requests, summed over replicas).
+
+Targets (issue 15): throughput ratio >= 1.6, affinity hit rate >= 90% with 100 adapters, upload -> servable on
+the other replica p99 <= 1 s.
+
+Usage: ``PYTHONPATH=. .venv/bin/python bench/scale_out.py [--quick]`` (~6 min; ``--quick`` ~2 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from bench.common import (
+    cpu_model,
+    percentile,
+    random_fourierft,
+    report_header,
+    running_server,
+    target_shapes,
+    wait_for_quiet_machine,
+    write_report,
+)
+from server.spectral.formats import native
+from tests.postgres_fixtures import fresh_database, throwaway_cluster
+
+POLL_S = 0.005
+DEADLINE_S = 10.0
+
+
+def _until(condition, deadline_s: float = DEADLINE_S) -> float:
+    """Seconds until ``condition()`` holds (polled every 5 ms)."""
+    started = time.perf_counter()
+    while not condition():
+        if time.perf_counter() - started > deadline_s:
+            raise RuntimeError(f"not within {deadline_s} s")
+        time.sleep(POLL_S)
+    return time.perf_counter() - started
+
+
+def _status_of_one_token(client: httpx.Client, adapter_id: str) -> int:
+    body = {"inputs": "scale out", "parameters": {"adapter_id": adapter_id, "max_new_tokens": 1}}
+    return client.post("/generate", json=body).status_code
+
+
+def _resident(client: httpx.Client) -> int:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("spectra_adapters_resident "):
+            return int(float(line.split()[1]))
+    raise RuntimeError("no spectra_adapters_resident in /metrics")
+
+
+def _ms(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": round(1000 * percentile(values, 50), 1),
+        "p99": round(1000 * percentile(values, 99), 1),
+        "max": round(1000 * max(values), 1),
+    }
+
+
+def propagation(database: str, work: Path, args: argparse.Namespace) -> dict:
+    serve = ("--store", database, "--torch-threads", "1")
+    (work / "a").mkdir()
+    (work / "b").mkdir()
+    with running_server(work / "a", *serve) as a_server, running_server(work / "b", *serve) as b_server:
+        a = httpx.Client(base_url=a_server.base_url, timeout=30)
+        b = httpx.Client(base_url=b_server.base_url, timeout=30)
+        shapes = target_shapes(Path(a.get("/info").json()["model_path"]))
+        servable, gone, pinned = [], [], []
+        for index in range(args.uploads):
+            adapter_id = f"spread/a{index:03d}"
+            data = native.to_bytes(random_fourierft(shapes, 64, coefficient_seed=index, location_seed=index))
+            response = a.post("/v1/adapters", data={"adapter_id": adapter_id}, files={"file": ("a.safetensors", data)})
+            response.raise_for_status()
+            servable.append(_until(lambda adapter_id=adapter_id: _status_of_one_token(b, adapter_id) == 200))
+        for index in range(args.uploads):
+            adapter_id = f"spread/a{index:03d}"
+            a.delete(f"/v1/adapters/{adapter_id}").raise_for_status()
+            gone.append(_until(lambda adapter_id=adapter_id: _status_of_one_token(b, adapter_id) == 404))
+        for index in range(args.pins):
+            before = _resident(b)
+            data = native.to_bytes(random_fourierft(shapes, 64, coefficient_seed=10_000 + index, location_seed=index))
+            response = a.post(
+                "/v1/adapters",
+                data={"adapter_id": f"spread/pin{index:03d}", "pin": "true"},
+                files={"file": ("a.safetensors", data)},
+            )
+            response.raise_for_status()
+            pinned.append(_until(lambda before=before: _resident(b) > before))
+    result = {
+        "uploads": args.uploads,
+        "upload_to_servable_on_other_ms": _ms(servable),
+        "delete_to_404_on_other_ms": _ms(gone),
+        "pin_to_resident_on_other_ms": _ms(pinned),
+    }
+    print(
+        f"propagation A -> B over {args.uploads} adapters: upload -> servable p50 "
+        f"{result['upload_to_servable_on_other_ms']['p50']} ms, p99 {result['upload_to_servable_on_other_ms']['p99']}"
+        f" ms; delete -> 404 p99 {result['delete_to_404_on_other_ms']['p99']} ms; pin -> resident p99 "
+        f"{result['pin_to_resident_on_other_ms']['p99']} ms",
+        flush=True,
+    )
+    return result
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 20 uploads, 5 pins, 15 s windows")
+    parser.add_argument("--uploads", type=int, default=200)
+    parser.add_argument("--pins", type=int, default=20)
+    parser.add_argument("--max-load", type=float, default=1.0, help="wait for a 1-minute load below this")
+    parser.add_argument("--load-wait-s", type=float, default=120.0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/scale_out.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.uploads, args.pins = 20, 5
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    load_at_start = wait_for_quiet_machine(args.max_load, args.load_wait_s)
+    print(f"torch {torch.__version__}, {cpu_model()}, load {load_at_start:.2f}", flush=True)
+    began = time.perf_counter()
+    with throwaway_cluster() as cluster, tempfile.TemporaryDirectory(prefix="scale-out-") as tmp:
+        work = Path(tmp)
+        (work / "propagation").mkdir()
+        result = {"propagation": propagation(fresh_database(cluster), work / "propagation", args)}
+    report = {**report_header("scale_out", args, load_at_start, began), **result}
+    write_report(report, args.out)
+    servable_p99 = result["propagation"]["upload_to_servable_on_other_ms"]["p99"]
+    sys.exit(0 if servable_p99 <= 1000 else 1)
+
+
+if __name__ == "__main__":
+    main()
