@@ -33,6 +33,7 @@ pytest_plugins = ["tests.http_fixtures", "tests.postgres_fixtures"]
 REPLICAS = 2
 REPLICA_TITLE = "ray::ServeReplica:spectra:SpectraReplica"
 RECOVERY_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 45.0
 
 
 def _processes_with_env(variable: str, value: str) -> dict[int, str]:
@@ -80,7 +81,13 @@ def cluster(tiny_llama_dir: Path, postgres_url: str, tmp_path_factory, ray_tmpdi
     try:
         yield server
     finally:
-        stop_server(server)
+        stopping = time.monotonic()
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=STOP_TIMEOUT_S)
+        finally:
+            stop_server(server)  # kills it if it is still there
+        print(f"stopped in {time.monotonic() - stopping:.1f}s")  # noqa: T201
         deadline = time.monotonic() + 30
         while (left := _processes_with_env("RAY_TMPDIR", ray_tmpdir)) and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -49,9 +49,10 @@ def _stopped_by_signal() -> threading.Event:
 
 
 def serve_replicas(settings: ServerSettings) -> None:
-    stop = _stopped_by_signal()
     started = time.monotonic()
     _start_ray(settings)
+    # After ray.init, which installs a SIGTERM handler of its own that would exit without draining.
+    stop = _stopped_by_signal()
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         try:

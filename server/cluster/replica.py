@@ -40,6 +40,8 @@ ROUTED_ADAPTERS_PER_REPLICA = 1024
 # Ray's health probe: a dead engine is noticed within about period + timeout.
 HEALTH_CHECK_PERIOD_S = 5.0
 HEALTH_CHECK_TIMEOUT_S = 10.0
+# In-flight requests a stopping replica finishes before Ray kills it; short, so SIGTERM stops the server quickly.
+GRACEFUL_SHUTDOWN_S = 10.0
 REPLICA_HEADER = b"x-spectra-replica"
 AFFINITY_HEADER = b"x-spectra-affinity"
 
@@ -56,8 +58,7 @@ def assigned_cpus() -> int:
 @serve.deployment(
     health_check_period_s=HEALTH_CHECK_PERIOD_S,
     health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
-    # When Serve stops a replica, its in-flight generations (streams included) get this long to finish.
-    graceful_shutdown_timeout_s=30,
+    graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
 )
 class SpectraReplica:
     def __init__(self, settings: ServerSettings) -> None:
