@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import httpx
 import openai
 import pytest
 
+from server.cluster.affinity import adapter_key
 from tests.test_adapters_api import peft_files, upload
 
 if TYPE_CHECKING:
@@ -92,6 +94,24 @@ def cluster(tiny_llama_dir: Path, postgres_url: str, tmp_path_factory, ray_tmpdi
         while (left := _processes_with_env("RAY_TMPDIR", ray_tmpdir)) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert left == {}, f"Ray processes left running: {left}\n{server.log_tail()}"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "key"),
+    [
+        ("/generate", {"inputs": "x", "parameters": {"adapter_id": "team/a"}}, "team/a"),
+        ("/generate_stream", {"inputs": "x", "parameters": {"adapters": {"b": 0.3, "c": 0.7}}}, "b"),
+        ("/", {"inputs": "x", "parameters": {"max_new_tokens": 4}}, None),
+        ("/v1/completions", {"model": "team/a", "prompt": "x"}, "team/a"),
+        ("/v1/chat/completions", {"model": "base", "messages": []}, None),
+        ("/v1/completions", {"model": "base", "adapters": {"d": 1.0}}, "d"),
+        ("/v1/adapters", {"model": "team/a"}, None),
+        ("/generate", "not json", None),
+    ],
+)
+def test_the_affinity_key_is_the_first_adapter_a_generation_names(path: str, body: object, key: str | None) -> None:
+    raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    assert adapter_key(path, raw, base_model="base") == key
 
 
 def _client(server: Server) -> openai.OpenAI:
@@ -196,6 +216,7 @@ def test_a_killed_replica_costs_clean_errors_or_right_answers_and_comes_back(clu
         os.kill(sorted(before)[0], signal.SIGKILL)
         outcomes = [future.result(timeout=120) for future in futures]
     assert "ok" in outcomes, outcomes
+    print(f"under the kill: {outcomes.count('ok')} right answers, {outcomes.count('error')} clean errors")  # noqa: T201
 
     deadline = time.monotonic() + RECOVERY_TIMEOUT_S
     while time.monotonic() < deadline:
