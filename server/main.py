@@ -1,4 +1,5 @@
-"""Build the model runner, adapter registry, engine, file store and app from settings, and run uvicorn.
+"""Build the model runner, adapter registry, engine, file store and app from settings, and run uvicorn (or, with
+``--replicas``, hand over to the Ray Serve launcher, whose replicas build theirs with ``build_service``).
 
 The composition root: the one module that builds the stores' backends (``adapters_store``'s SQLite classes, and
 the PostgreSQL adapter store for ``--store``); everything else is typed against ``adapters_store.interfaces``
@@ -11,10 +12,12 @@ import hashlib
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import uvicorn
+from fastapi import FastAPI
 
 from adapters_store.errors import StoreLockedError, StoreUnavailableError
 from adapters_store.files import FileStore
@@ -22,7 +25,7 @@ from adapters_store.interfaces import AdapterRepository, FileRepository
 from adapters_store.jobs import JobStore
 from adapters_store.postgres import PostgresAdapterStore, PostgresChangeFeed
 from adapters_store.store import AdapterStore
-from server.api.auth import ExposureError, KeysFileError, check_exposure, key_ring
+from server.api.auth import ExposureError, KeyRing, KeysFileError, check_exposure, key_ring
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine
 from server.engine.model_runner import ModelRunner
@@ -75,14 +78,13 @@ def build_engine(settings: ServerSettings) -> tuple[Engine, StoreFollower | None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     model_path = settings.model or str(ensure_default_model(settings.data_dir))
     runner = ModelRunner(model_path, dtype=settings.dtype, device=settings.device)
-    name = settings.served_model_name or (Path(model_path).name if settings.model else DEFAULT_MODEL_NAME)
     store = build_adapter_store(settings)
     registry = AdapterRegistry(
         runner.bank,
         runner.module_shapes,
         runner.architecture,
         store,
-        base_model=name,
+        base_model=served_model_name(settings),
         memory_budget_bytes=settings.adapter_memory,
     )
     follower = None
@@ -90,7 +92,7 @@ def build_engine(settings: ServerSettings) -> tuple[Engine, StoreFollower | None
         follower = StoreFollower(registry, PostgresChangeFeed(store.url), store, replica_id=replica_id())
     store_startup_adapters(registry, settings.adapters, settings.max_adapter_bytes)
     registry.load_pinned()
-    return Engine(runner, registry, settings, name), follower
+    return Engine(runner, registry, settings, served_model_name(settings)), follower
 
 
 def build_jobs(engine: Engine, files: FileRepository, settings: ServerSettings) -> JobManager:
@@ -104,40 +106,77 @@ def torch_threads(requested: int) -> int:
     return requested or max(1, (os.cpu_count() or 2) - 1)
 
 
-def serve(settings: ServerSettings) -> None:
-    configure_logging(settings.log_level, settings.log_format)
-    torch.set_num_threads(torch_threads(settings.torch_threads))
-    logger.info("torch intra-op threads=%d", torch.get_num_threads())
+def served_model_name(settings: ServerSettings) -> str:
+    """The base model's name in /v1/models and responses (the Ray ingress needs it without building a model)."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    return Path(settings.model).name if settings.model else DEFAULT_MODEL_NAME
+
+
+def checked_keys(settings: ServerSettings) -> KeyRing:
+    """The API keys, refusing to start (exit 2) on a bad keys file or an unauthenticated public --host."""
     try:
         keys = key_ring(settings)
         check_exposure(settings, keys)
     except (KeysFileError, ExposureError) as error:
         logger.error("%s", error)
         raise SystemExit(2) from error
+    return keys
+
+
+@dataclass
+class Service:
+    """One running engine with its file store, job manager and app: a process's, or one Ray replica's."""
+
+    engine: Engine
+    follower: StoreFollower | None
+    files: FileRepository
+    jobs: JobManager
+    app: FastAPI
+
+    def stop(self) -> None:
+        self.jobs.stop()
+        if self.follower is not None:
+            self.follower.stop()
+        self.engine.stop()
+        self.files.close()
+
+
+def build_service(settings: ServerSettings, keys: KeyRing) -> Service:
+    """Build and start everything behind the app; store errors propagate (the caller decides how to fail)."""
+    from server.api.app import create_app
+
+    engine, follower = build_engine(settings)
+    files = FileStore(settings.data_dir / "files")
+    engine.start()
+    if follower is not None:
+        follower.start()
+    jobs = build_jobs(engine, files, settings)
+    jobs.start()
+    return Service(engine, follower, files, jobs, create_app(engine, settings, files=files, jobs=jobs, keys=keys))
+
+
+def serve(settings: ServerSettings) -> None:
+    configure_logging(settings.log_level, settings.log_format)
+    keys = checked_keys(settings)
+    if settings.replicas is not None:
+        from server.cluster.launcher import serve_replicas
+
+        serve_replicas(settings)
+        return
+    torch.set_num_threads(torch_threads(settings.torch_threads))
+    logger.info("torch intra-op threads=%d", torch.get_num_threads())
     try:
-        engine, follower = build_engine(settings)
-        files = FileStore(settings.data_dir / "files")
+        service = build_service(settings, keys)
     except StoreLockedError as error:
         logger.error("%s; stop it or use another --data-dir", error)
         raise SystemExit(1) from error
     except StoreUnavailableError as error:
         logger.error("%s; check --store", error)
         raise SystemExit(1) from error
-    engine.start()
-    if follower is not None:
-        follower.start()
-    jobs = build_jobs(engine, files, settings)
-    jobs.start()
-    logger.info("serving model=%s on http://%s:%d", engine.model_name, settings.host, settings.port)
+    logger.info("serving model=%s on http://%s:%d", service.engine.model_name, settings.host, settings.port)
     try:
-        from server.api.app import create_app
-
-        app = create_app(engine, settings, files=files, jobs=jobs, keys=keys)
         # log_config=None: uvicorn keeps the handler configure_logging installed instead of its own.
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None)
+        uvicorn.run(service.app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None)
     finally:
-        jobs.stop()
-        if follower is not None:
-            follower.stop()
-        engine.stop()
-        files.close()
+        service.stop()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import ByteSize, Field, SecretStr, field_validator
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -43,6 +43,25 @@ class ServerSettings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8080, ge=1, le=65535, description="port to listen on")
+    replicas: int | None = Field(
+        None,
+        ge=1,
+        description="run N replicas behind Ray Serve's HTTP proxy on --host:--port, routed by adapter "
+        "(docs/deployment.md); needs --store; unset: one process",
+        json_schema_extra={"metavar": "N"},
+    )
+    ray_address: str | None = Field(
+        None,
+        description="with --replicas: the Ray cluster to join (HOST:PORT); unset: a local one bound to 127.0.0.1, "
+        "stopped with the server",
+        json_schema_extra={"metavar": "HOST:PORT"},
+    )
+    cpus_per_replica: float = Field(
+        0,
+        ge=0,
+        description="with --replicas: Ray CPUs each replica reserves, which also sets its torch threads; "
+        "0 = the machine's cores / --replicas (min 1)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="model weights' dtype; auto: bfloat16 on CUDA, float32 on CPU"
     )
@@ -171,6 +190,13 @@ class ServerSettings(BaseSettings):
         if value is not None and not value.startswith(("postgresql://", "postgres://")):
             raise ValueError(f"expected postgresql://USER@HOST:PORT/DB, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _replicas_share_a_store(self) -> ServerSettings:
+        """Replicas see one another's adapters only through a shared store (docs/store.md)."""
+        if self.replicas is not None and self.store is None:
+            raise ValueError("--replicas needs --store postgresql://...: replicas share their adapters through it")
+        return self
 
     @field_validator("adapters", mode="before")
     @classmethod

@@ -54,9 +54,14 @@ def free_port() -> int:
 
 
 def start_server(
-    model_dir: Path, data_dir: Path, adapter_dirs: dict[str, Path], *extra_args: str, api_key: str | None = None
+    model_dir: Path,
+    data_dir: Path,
+    adapter_dirs: dict[str, Path],
+    *extra_args: str,
+    api_key: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Server:
-    """``api_key`` is sent on the start-up probes, for servers started with keys."""
+    """``api_key`` is sent on the start-up probes, for servers started with keys; ``env`` adds variables."""
     port = free_port()
     command = [
         sys.executable, "-m", "clients.cli", "serve",
@@ -68,7 +73,7 @@ def start_server(
         *(arg for adapter_id, path in adapter_dirs.items() for arg in ("--adapter", f"{adapter_id}={path}")),
         *extra_args,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
     log_path = data_dir / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

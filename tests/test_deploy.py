@@ -422,3 +422,16 @@ def test_dashboard_promql_parses(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_ray_serve_config_is_a_valid_serve_deploy_config_of_spectra_settings() -> None:
+    """docs/deploy/ray-serve.yaml parses as Ray's own `serve deploy` schema, and its builder takes its args."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from server.cluster.application import build
+
+    config = ServeDeploySchema.model_validate(load_yaml(DEPLOY / "ray-serve.yaml"))
+    (application,) = config.applications
+    assert application.import_path == f"{build.__module__}:{build.__name__}"
+    assert application.route_prefix == "/"
+    build(application.args)  # validates them as ServerSettings and binds the two deployments
