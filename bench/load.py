@@ -135,6 +135,9 @@ class Totals:
     error_samples: list[dict] = field(default_factory=list)
     by_endpoint: Counter[str] = field(default_factory=Counter)
     by_target: Counter[str] = field(default_factory=Counter)
+    # Behind `spectra serve --replicas`: whether each adapter request in the window found its adapter on the
+    # replica it was routed to (the `x-spectra-affinity` response header: hit or miss).
+    affinity: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0
 
     def tokens(self, count: int) -> None:
@@ -323,6 +326,9 @@ async def run_request(
                     raise StreamError(f"HTTP {response.status_code}: {text[:300]}")
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     raise StreamError(f"content-type {response.headers.get('content-type')!r}")
+                affinity = response.headers.get("x-spectra-affinity")
+                if affinity is not None and time.monotonic() <= totals.deadline:
+                    totals.affinity[affinity] += 1
                 async for line in sse_lines(response):
                     payload = sse_payload(line)
                     if payload is not None:
@@ -569,6 +575,10 @@ def run(work: Path, args: argparse.Namespace) -> dict:
                 f" on {len(shapes)} modules), upload p50 {uploaded['upload_ms']['p50']} ms",
                 flush=True,
             )
+            if args.warm_adapters:  # every adapter resident (and, behind replicas, routed) before the window
+                for adapter_id in uploaded["ids"]:
+                    body = {"inputs": "warm up", "parameters": {"adapter_id": adapter_id, "max_new_tokens": 1}}
+                    client.post("/generate", json=body).raise_for_status()
             for endpoint in args.endpoints:  # torch's first-call costs, outside the window
                 warm = Request(endpoint, uploaded["ids"][0] if uploaded["ids"] else None, "warm up", 4, False, 0)
                 warm_totals = Totals(began=time.monotonic(), deadline=time.monotonic() + 600)
@@ -607,6 +617,10 @@ def run(work: Path, args: argparse.Namespace) -> dict:
         "tokens_per_s": round(totals.tokens_in_window / args.duration_s, 1),
         "tokens_total": totals.tokens_total,
         "rejected_429": totals.rejected_429,
+        "affinity": dict(totals.affinity),
+        "affinity_hit_rate": round(totals.affinity["hit"] / sum(totals.affinity.values()), 4)
+        if totals.affinity
+        else None,
         "errors": totals.errors,
         "error_kinds": dict(totals.error_kinds),
         "error_samples": totals.error_samples,
@@ -627,7 +641,8 @@ async def warm_up(base_url: str, headers: dict, request: Request, base_model: st
         await run_request(client, request, f"load-warmup-{request.endpoint}", base_model, totals)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``argv``: the command line (default ``sys.argv``); bench/scale_out.py passes its own."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 clients, 10 adapters, 15 s")
     parser.add_argument("--clients", type=int, default=200)
@@ -657,10 +672,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--drain-timeout-s", type=float, default=60.0, help="longest wait for in-flight requests")
     parser.add_argument("--rss-tolerance", type=float, default=0.10, help="end RSS within this of the 10 s RSS")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--warm-adapters", action="store_true", help="one 1-token request per adapter before the window"
+    )
     parser.add_argument("--max-load", type=float, default=1.0, help="wait for a 1-minute load below this")
     parser.add_argument("--load-wait-s", type=float, default=120.0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/load.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.adapters, args.duration_s = 20, 10, 15.0
     unknown = set(args.endpoints) - set(ENDPOINTS)
