@@ -1,7 +1,7 @@
 """Build the model runner, adapter registry, engine, file store and app from settings, and run uvicorn.
 
 The composition root: the one module that builds the stores' backends (``adapters_store``'s SQLite classes, and
-the PostgreSQL adapter store for ``--store``); everything else is typed against ``adapters_store.interfaces``
+the PostgreSQL stores for ``--store``); everything else is typed against ``adapters_store.interfaces``
 (docs/store.md, "Layers").
 """
 
@@ -17,9 +17,11 @@ import uvicorn
 
 from adapters_store.errors import StoreLockedError, StoreUnavailableError
 from adapters_store.files import FileStore
-from adapters_store.interfaces import AdapterRepository, FileRepository
+from adapters_store.interfaces import AdapterRepository, FileRepository, JobRepository
 from adapters_store.jobs import JobStore
 from adapters_store.postgres import PostgresAdapterStore
+from adapters_store.postgres_files import PostgresFileStore
+from adapters_store.postgres_jobs import PostgresJobStore
 from adapters_store.store import AdapterStore
 from server.api.auth import ExposureError, KeysFileError, check_exposure, key_ring
 from server.engine.adapters import AdapterRegistry
@@ -81,9 +83,22 @@ def build_engine(settings: ServerSettings) -> Engine:
     return Engine(runner, registry, settings, name)
 
 
+def build_file_store(settings: ServerSettings) -> FileRepository:
+    """Training files in ``--store``'s database, else in ``--data-dir``, as the adapters."""
+    if settings.store is None:
+        return FileStore(settings.data_dir / "files")
+    return PostgresFileStore(settings.store)
+
+
+def build_job_store(settings: ServerSettings) -> JobRepository:
+    """Jobs, events and checkpoints (optimizer states included) in ``--store``'s database, else in ``--data-dir``."""
+    if settings.store is None:
+        return JobStore(settings.data_dir / "finetune" / "jobs.sqlite3")
+    return PostgresJobStore(settings.store)
+
+
 def build_jobs(engine: Engine, files: FileRepository, settings: ServerSettings) -> JobManager:
-    root = settings.data_dir / "finetune"
-    return JobManager(engine, files, JobStore(root / "jobs.sqlite3"), root / "checkpoints", settings)
+    return JobManager(engine, files, build_job_store(settings), settings)
 
 
 def torch_threads(requested: int) -> int:
@@ -104,7 +119,8 @@ def serve(settings: ServerSettings) -> None:
         raise SystemExit(2) from error
     try:
         engine = build_engine(settings)
-        files = FileStore(settings.data_dir / "files")
+        files = build_file_store(settings)
+        jobs = build_jobs(engine, files, settings)
     except StoreLockedError as error:
         logger.error("%s; stop it or use another --data-dir", error)
         raise SystemExit(1) from error
@@ -112,7 +128,6 @@ def serve(settings: ServerSettings) -> None:
         logger.error("%s; check --store", error)
         raise SystemExit(1) from error
     engine.start()
-    jobs = build_jobs(engine, files, settings)
     jobs.start()
     logger.info("serving model=%s on http://%s:%d", engine.model_name, settings.host, settings.port)
     try:

@@ -123,7 +123,7 @@ def test_a_dropped_connection_is_reopened(replicas, database: str) -> None:
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
             "AND pid <> pg_backend_pid()"
         )
-    with pytest.raises(psycopg.OperationalError):
+    with pytest.raises(StoreUnavailableError, match="store error"):
         a.index.get("x")
     assert a.index.get("x").version == 1
 
