@@ -1,7 +1,7 @@
 """Two real ``spectra serve --store postgresql://...`` processes on one database: what one stores, both serve.
 
-Each replica has its own ``--data-dir`` (training files and jobs stay there in this step) and shares the
-adapter store. An id B has never seen resolves through the store on a miss, so an upload acknowledged by A is
+Each replica has its own ``--data-dir`` and shares the store (training files and jobs: tests/test_replicas_jobs.py),
+here the adapters. An id B has never seen resolves through the store on a miss, so an upload acknowledged by A is
 listed, downloadable and servable by B. Deletes reaching B's resident adapters need the change feed (not yet).
 """
 
