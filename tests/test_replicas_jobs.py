@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import psycopg
 import pytest
 
 from server.models.embedded import ensure_default_model
@@ -31,12 +32,17 @@ WAIT_S = 120.0
 
 
 @pytest.fixture(scope="module")
-def replicas(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
-    from tests.http_fixtures import start_server, stop_server
+def database(postgres_url: str) -> str:
     from tests.postgres_fixtures import fresh_database
 
+    return fresh_database(postgres_url)
+
+
+@pytest.fixture(scope="module")
+def replicas(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
+    from tests.http_fixtures import start_server, stop_server
+
     model_dir = ensure_default_model(tmp_path_factory.mktemp("replica-model"))
-    database = fresh_database(postgres_url)
     servers: list[Server] = []
     try:
         for name in ("a", "b"):
@@ -106,6 +112,34 @@ def test_a_cancel_on_a_replica_that_does_not_own_the_job_ends_it_cancelled(repli
         assert checkpoints(server, job["id"]) == []
     assert httpx.get(f"{owner.base_url}/info", timeout=30).json()["fine_tuning"]["training_state_bytes"] == 0
     assert httpx.post(f"{other.base_url}/v1/fine_tuning/jobs/{job['id']}/cancel", timeout=30).status_code == 409
+
+
+def test_a_replica_whose_lease_was_taken_stops_the_job_and_a_claimant_finishes_it(
+    replicas: list[Server], database: str
+) -> None:
+    a, _ = replicas
+    job = create_job(a, upload_training_file(a, ROWS), seed=4, hyperparameters=RESUMED)
+    job = wait_running(a, job["id"], lambda j: checkpoints(a, j["id"]) != [])
+    owner, _ = owner_and_other(replicas, job)
+    with psycopg.connect(database, autocommit=True) as db:
+        db.execute(
+            "UPDATE jobs SET owner = 'elsewhere', lease_expires_at = extract(epoch FROM clock_timestamp()) + %s "
+            "WHERE id = %s",
+            (LEASE_SECONDS, job["id"]),
+        )
+    stopped = f"finetune job stopped id={job['id']}: lease lost"
+    deadline = time.monotonic() + 10 * LEASE_SECONDS
+    while stopped not in owner.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stopped in owner.log_path.read_text(), owner.log_tail()
+    held = get_job(owner, job["id"])
+    assert held["status"] == "running" and held["replica"] == "elsewhere" and held["step"] < held["total_steps"]
+    time.sleep(0.5)
+    assert get_job(owner, job["id"])["step"] == held["step"], "no step after the lease was lost"
+
+    done = finished(owner, job["id"], timeout=WAIT_S)
+    assert done["status"] == "succeeded", done["error"]
+    assert any("training resumed from the checkpoint" in event["message"] for event in events(owner, job["id"]))
 
 
 @pytest.mark.timeout(240)
