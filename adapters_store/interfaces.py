@@ -11,7 +11,9 @@ backend keeps the same contract:
 - a write is durable when the call returns: the server acknowledges (201/200) only after it;
 - stored bytes are checked against their sha256 on every read;
 - adapter version numbers and file, job and checkpoint ids are never reused, even after a delete;
-- every method is safe to call from any thread.
+- every method is safe to call from any thread;
+- a job's lease (``claim_jobs`` ... ``release_lease``) is held by one replica at a time, and a lease that was
+  not renewed in time is free to claim: the store's clock decides, not the replicas'.
 
 ``visible_to`` filters for a caller's namespace (None: no filter): its own objects, the server's
 un-namespaced ones, and public ones (jobs are never public).
@@ -200,13 +202,35 @@ class JobRepository(Protocol):
         is not an event id)."""
 
     def add_checkpoint(
-        self, job_id: str, *, step: int, adapter_version: int, metrics: dict[str, Any], state_path: str | None
-    ) -> CheckpointRecord: ...
+        self, job_id: str, *, step: int, adapter_version: int, metrics: dict[str, Any], state: bytes | None
+    ) -> CheckpointRecord:
+        """A checkpoint and, unless None, the optimizer state to resume from (opaque bytes), stored together."""
 
     def checkpoints(self, job_id: str) -> list[CheckpointRecord]:
         """Newest (highest step) first."""
 
-    def delete_checkpoint(self, checkpoint_id: str) -> None: ...
+    def checkpoint_state(self, checkpoint_id: str) -> bytes | None:
+        """The checkpoint's optimizer state; None when it holds none (or is gone). :class:`BlobCorruptError` when
+        the bytes fail their sha256."""
 
-    def clear_state_paths(self, job_id: str) -> None:
-        """Forget the optimizer state files of every checkpoint of the job (they were removed)."""
+    def delete_checkpoint(self, checkpoint_id: str) -> None:
+        """The checkpoint and its state."""
+
+    def clear_states(self, job_id: str) -> None:
+        """Drop the optimizer state of every checkpoint of the job (it finished: nothing will resume from them)."""
+
+    # -- leases: which replica trains a job ------------------------------------------------------
+
+    def claim_jobs(self, owner: str, *, lease_seconds: float, limit: int) -> list[JobRecord]:
+        """Take the lease on up to ``limit`` unfinished jobs that no replica holds (never leased, released, or
+        expired), for ``owner``: running jobs first, then queued, then validating, each oldest first. Replicas
+        claiming at once get disjoint jobs."""
+
+    def claim_job(self, job_id: str, owner: str, *, lease_seconds: float) -> JobRecord | None:
+        """Take the lease on one unfinished job when no replica holds it (or ``owner`` does); None otherwise."""
+
+    def renew_lease(self, job_id: str, owner: str, *, lease_seconds: float) -> JobRecord | None:
+        """Extend ``owner``'s lease (the heartbeat); None when ``owner`` no longer holds it: it must stop."""
+
+    def release_lease(self, job_id: str, owner: str) -> None:
+        """Give the lease up, when ``owner`` holds it, so that another replica may claim the job at once."""

@@ -3,19 +3,29 @@
 
 Every state change is committed before the API reports it, so a restart finds each job where
 its last acknowledged change left it (docs/finetuning.md, "Restarts").
+
+A checkpoint's optimizer state is a file under ``checkpoints/<job id>/`` next to ``jobs.sqlite3``, written
+atomically (:func:`adapters_store.durable.write_atomically`) before its row is committed; the row keeps the
+file's path (relative to ``checkpoints/``; older releases wrote absolute paths there, which still resolve)
+and its sha256 (older rows have none and are read unchecked).
+
+Leases are kept as the PostgreSQL store keeps them, but one process owns the directory (``.lock``): leases
+found on open were a previous process's, and are dropped, so the start-time claim takes every job at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from adapters_store.durable import ensure_columns
-from adapters_store.errors import UnknownCursorError
+from adapters_store.durable import ensure_columns, lock_directory, write_atomically
+from adapters_store.errors import BlobCorruptError, UnknownCursorError
 from adapters_store.ids import new_id
 from adapters_store.records import CheckpointRecord, EventRecord, JobRecord
 
@@ -65,6 +75,15 @@ CREATE INDEX IF NOT EXISTS job_checkpoints_job ON job_checkpoints (job_id, step)
 """
 
 _JSON_COLUMNS = ("request", "hyperparameters", "adapter", "error")
+# Added after the first release; older databases get them on open.
+_ADDED_JOB_COLUMNS = {
+    "namespace": "TEXT",
+    "owner": "TEXT",
+    "lease_expires_at": "REAL",
+    "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
+}
+_UNFINISHED = "status IN ('running', 'queued', 'validating_files')"
+_CLAIM_ORDER = "CASE status WHEN 'running' THEN 0 WHEN 'queued' THEN 1 ELSE 2 END, created_at, rowid"
 
 
 def _decode(row: sqlite3.Row, json_columns: tuple[str, ...]) -> dict[str, Any]:
@@ -75,22 +94,40 @@ def _decode(row: sqlite3.Row, json_columns: tuple[str, ...]) -> dict[str, Any]:
     return values
 
 
+def _job(row: sqlite3.Row) -> JobRecord:
+    values = _decode(row, _JSON_COLUMNS)
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    return JobRecord(**values)
+
+
+def _checkpoint(row: sqlite3.Row) -> CheckpointRecord:
+    values = _decode(row, ("metrics",))
+    values["has_state"] = values.pop("state_path") is not None
+    del values["state_sha256"]
+    return CheckpointRecord(**values)
+
+
 class JobStore:
     """Thread-safe: one connection behind a lock."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = lock_directory(path.parent, "job store")
+        self._states = path.parent / "checkpoints"
         self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._connection.row_factory = sqlite3.Row
         self._connection.execute("PRAGMA journal_mode=WAL")
         self._connection.execute("PRAGMA synchronous=FULL")
         self._connection.executescript(_SCHEMA)
-        ensure_columns(self._connection, "jobs", {"namespace": "TEXT"})
+        ensure_columns(self._connection, "jobs", _ADDED_JOB_COLUMNS)
+        ensure_columns(self._connection, "job_checkpoints", {"state_sha256": "TEXT"})
+        self._connection.execute("UPDATE jobs SET owner = NULL, lease_expires_at = NULL WHERE owner IS NOT NULL")
         self._lock = threading.Lock()
 
     def close(self) -> None:
         with self._lock:
             self._connection.close()
+        self._lock_file.close()
 
     def _execute(self, sql: str, parameters: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
@@ -147,7 +184,7 @@ class JobStore:
 
     def get_job(self, job_id: str) -> JobRecord | None:
         row = self._execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return JobRecord(**_decode(row, _JSON_COLUMNS)) if row else None
+        return _job(row) if row else None
 
     def list_jobs(self, *, after: str | None = None, limit: int = 20, visible_to: str | None = None) -> list[JobRecord]:
         """Newest first; ``after`` is the last job id of the previous page.
@@ -167,14 +204,14 @@ class JobStore:
                 "(SELECT created_at, id FROM jobs WHERE id = ?3) ORDER BY created_at DESC, id DESC LIMIT ?2",
                 (visible_to, limit, after),
             ).fetchall()
-        return [JobRecord(**_decode(row, _JSON_COLUMNS)) for row in rows]
+        return [_job(row) for row in rows]
 
     def jobs_with_status(self, *statuses: str) -> list[JobRecord]:
         placeholders = ", ".join("?" for _ in statuses)
         rows = self._execute(
             f"SELECT * FROM jobs WHERE status IN ({placeholders}) ORDER BY created_at, rowid", statuses
         ).fetchall()
-        return [JobRecord(**_decode(row, _JSON_COLUMNS)) for row in rows]
+        return [_job(row) for row in rows]
 
     def count_by_status(self) -> dict[str, int]:
         rows = self._execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
@@ -209,25 +246,86 @@ class JobStore:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def add_checkpoint(
-        self, job_id: str, *, step: int, adapter_version: int, metrics: dict[str, Any], state_path: str | None
+        self, job_id: str, *, step: int, adapter_version: int, metrics: dict[str, Any], state: bytes | None
     ) -> CheckpointRecord:
         record = CheckpointRecord(
-            new_id("ftckpt"), job_id, int(time.time()), step, adapter_version, metrics, state_path
+            new_id("ftckpt"), job_id, int(time.time()), step, adapter_version, metrics, state is not None
         )
+        state_path = sha256 = None
+        if state is not None:
+            directory = self._states / job_id
+            directory.mkdir(parents=True, exist_ok=True)
+            state_path = f"{job_id}/step-{step}.safetensors"
+            write_atomically(self._states / state_path, state, directory)
+            sha256 = hashlib.sha256(state).hexdigest()
         self._execute(
-            "INSERT INTO job_checkpoints (id, job_id, created_at, step, adapter_version, metrics, state_path) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (record.id, job_id, record.created_at, step, adapter_version, json.dumps(metrics), state_path),
+            "INSERT INTO job_checkpoints (id, job_id, created_at, step, adapter_version, metrics, state_path, "
+            "state_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (record.id, job_id, record.created_at, step, adapter_version, json.dumps(metrics), state_path, sha256),
         )
         return record
 
     def checkpoints(self, job_id: str) -> list[CheckpointRecord]:
         """Newest (highest step) first."""
         rows = self._execute("SELECT * FROM job_checkpoints WHERE job_id = ? ORDER BY step DESC", (job_id,)).fetchall()
-        return [CheckpointRecord(**_decode(row, ("metrics",))) for row in rows]
+        return [_checkpoint(row) for row in rows]
+
+    def checkpoint_state(self, checkpoint_id: str) -> bytes | None:
+        row = self._execute(
+            "SELECT state_path, state_sha256 FROM job_checkpoints WHERE id = ?", (checkpoint_id,)
+        ).fetchone()
+        if row is None or row["state_path"] is None:
+            return None
+        try:
+            data = (self._states / row["state_path"]).read_bytes()
+        except FileNotFoundError:
+            return None
+        if row["state_sha256"] is not None and hashlib.sha256(data).hexdigest() != row["state_sha256"]:
+            raise BlobCorruptError(f"the optimizer state of checkpoint {checkpoint_id} fails its sha256 check")
+        return data
 
     def delete_checkpoint(self, checkpoint_id: str) -> None:
-        self._execute("DELETE FROM job_checkpoints WHERE id = ?", (checkpoint_id,))
+        row = self._execute(
+            "DELETE FROM job_checkpoints WHERE id = ? RETURNING state_path", (checkpoint_id,)
+        ).fetchone()
+        if row is not None and row["state_path"] is not None:
+            (self._states / row["state_path"]).unlink(missing_ok=True)
 
-    def clear_state_paths(self, job_id: str) -> None:
-        self._execute("UPDATE job_checkpoints SET state_path = NULL WHERE job_id = ?", (job_id,))
+    def clear_states(self, job_id: str) -> None:
+        self._execute("UPDATE job_checkpoints SET state_path = NULL, state_sha256 = NULL WHERE job_id = ?", (job_id,))
+        shutil.rmtree(self._states / job_id, ignore_errors=True)
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    def claim_jobs(self, owner: str, *, lease_seconds: float, limit: int) -> list[JobRecord]:
+        with self._lock:
+            now = time.time()
+            rows = self._connection.execute(
+                f"UPDATE jobs SET owner = ?, lease_expires_at = ? WHERE id IN (SELECT id FROM jobs WHERE {_UNFINISHED} "
+                f"AND (owner IS NULL OR lease_expires_at < ?) ORDER BY {_CLAIM_ORDER} LIMIT ?) RETURNING id",
+                (owner, now + lease_seconds, now, limit),
+            ).fetchall()
+            claimed = {row["id"] for row in rows}
+            ordered = self._connection.execute(f"SELECT * FROM jobs WHERE owner = ? ORDER BY {_CLAIM_ORDER}", (owner,))
+            return [_job(row) for row in ordered if row["id"] in claimed]
+
+    def claim_job(self, job_id: str, owner: str, *, lease_seconds: float) -> JobRecord | None:
+        now = time.time()
+        row = self._execute(
+            f"UPDATE jobs SET owner = ?1, lease_expires_at = ?2 WHERE id = ?3 AND {_UNFINISHED} "
+            "AND (owner IS NULL OR owner = ?1 OR lease_expires_at < ?4) RETURNING *",
+            (owner, now + lease_seconds, job_id, now),
+        ).fetchone()
+        return _job(row) if row else None
+
+    def renew_lease(self, job_id: str, owner: str, *, lease_seconds: float) -> JobRecord | None:
+        row = self._execute(
+            "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND owner = ? RETURNING *",
+            (time.time() + lease_seconds, job_id, owner),
+        ).fetchone()
+        return _job(row) if row else None
+
+    def release_lease(self, job_id: str, owner: str) -> None:
+        self._execute(
+            "UPDATE jobs SET owner = NULL, lease_expires_at = NULL WHERE id = ? AND owner = ?", (job_id, owner)
+        )

@@ -92,6 +92,75 @@ MIGRATIONS = (
     );
     ALTER TABLE adapter_blobs ADD COLUMN created_at DOUBLE PRECISION NOT NULL DEFAULT extract(epoch FROM now());
     """,
+    # Training files (adapters_store/postgres_files.py); jobs, events and checkpoints (postgres_jobs.py).
+    """
+    CREATE TABLE training_file_blobs (
+        sha256 TEXT PRIMARY KEY,
+        data BYTEA NOT NULL
+    );
+    CREATE TABLE training_files (
+        seq BIGSERIAL PRIMARY KEY,
+        id TEXT COLLATE "C" NOT NULL UNIQUE,
+        filename TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        bytes BIGINT NOT NULL,
+        sha256 TEXT NOT NULL REFERENCES training_file_blobs (sha256),
+        created_at BIGINT NOT NULL,
+        examples INTEGER NOT NULL,
+        broken TEXT,
+        namespace TEXT,
+        public BOOLEAN NOT NULL DEFAULT FALSE
+    );
+    CREATE INDEX training_files_sha ON training_files (sha256);
+    CREATE TABLE jobs (
+        seq BIGSERIAL UNIQUE,
+        id TEXT COLLATE "C" PRIMARY KEY,
+        created_at BIGINT NOT NULL,
+        status TEXT NOT NULL,
+        model TEXT NOT NULL,
+        training_file TEXT NOT NULL,
+        validation_file TEXT,
+        suffix TEXT,
+        seed BIGINT NOT NULL,
+        adapter_id TEXT NOT NULL,
+        request JSONB NOT NULL,
+        hyperparameters JSONB,
+        adapter JSONB,
+        fine_tuned_model TEXT,
+        trained_tokens BIGINT,
+        error JSONB,
+        started_at BIGINT,
+        finished_at BIGINT,
+        estimated_finish BIGINT,
+        step INTEGER NOT NULL DEFAULT 0,
+        namespace TEXT,
+        owner TEXT,
+        lease_expires_at DOUBLE PRECISION,
+        cancel_requested BOOLEAN NOT NULL DEFAULT FALSE
+    );
+    CREATE INDEX jobs_unfinished ON jobs (status, created_at);
+    CREATE TABLE job_events (
+        seq BIGSERIAL PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        level TEXT NOT NULL,
+        type TEXT NOT NULL,
+        message TEXT NOT NULL,
+        data JSONB
+    );
+    CREATE INDEX job_events_job ON job_events (job_id, seq);
+    CREATE TABLE job_checkpoints (
+        id TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        step INTEGER NOT NULL,
+        adapter_version INTEGER NOT NULL,
+        metrics JSONB NOT NULL,
+        state BYTEA,
+        state_sha256 TEXT
+    );
+    CREATE INDEX job_checkpoints_job ON job_checkpoints (job_id, step);
+    """,
 )
 # pg_advisory_xact_lock keys: the schema migration, and (hashed) each blob's sha256.
 _MIGRATION_LOCK = 0x5EC7A_0001
@@ -129,9 +198,10 @@ class _Connection:
 
     @contextmanager
     def session(self) -> Iterator[psycopg.Connection]:
-        """The connection, reopened first if the server dropped it. A call that finds the connection gone
-        mid-statement raises :class:`StoreUnavailableError` (whether a write in flight committed is then
-        unknown, as with any lost connection); the next call reconnects."""
+        """The connection, reopened first if the server dropped it, for one statement or transaction. A driver
+        error leaves as :class:`StoreUnavailableError` (the interfaces promise the store's errors only): a call
+        that finds the connection gone mid-statement fails (whether a write in flight committed is then
+        unknown, as with any lost connection), and the next call reconnects."""
         with self._lock:
             if self._db.closed or self._db.broken:
                 logger.warning("store connection lost; reconnecting")
@@ -140,6 +210,8 @@ class _Connection:
                 yield self._db
             except psycopg.OperationalError as error:
                 raise StoreUnavailableError(f"the store connection failed: {error}") from error
+            except psycopg.Error as error:
+                raise StoreUnavailableError(f"store error ({type(error).__name__}): {error}") from error
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:

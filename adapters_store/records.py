@@ -103,6 +103,11 @@ class JobRecord:
     estimated_finish: int | None
     step: int
     namespace: str | None = None
+    # The lease (docs/finetuning.md, "Leases"): the replica training the job, until when (seconds since the
+    # epoch, by the store's clock), and whether a cancel was asked for on any replica.
+    owner: str | None = None
+    lease_expires_at: float | None = None
+    cancel_requested: bool = False
 
     @property
     def terminal(self) -> bool:
@@ -128,8 +133,8 @@ class EventRecord:
 
 @dataclass(frozen=True)
 class CheckpointRecord:
-    """``adapter_version`` is a version of the job's adapter id; ``state_path`` the optimizer state's file
-    (None for the final checkpoint, and once the job's state files are removed)."""
+    """``adapter_version`` is a version of the job's adapter id; ``has_state`` whether the store holds the
+    optimizer state to resume from (not for the final checkpoint, nor once the job's states are cleared)."""
 
     id: str
     job_id: str
@@ -137,4 +142,4 @@ class CheckpointRecord:
     step: int
     adapter_version: int
     metrics: dict[str, Any]
-    state_path: str | None
+    has_state: bool

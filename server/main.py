@@ -2,7 +2,7 @@
 ``--replicas``, hand over to the Ray Serve launcher, whose replicas build theirs with ``build_service``).
 
 The composition root: the one module that builds the stores' backends (``adapters_store``'s SQLite classes, and
-the PostgreSQL adapter store for ``--store``); everything else is typed against ``adapters_store.interfaces``
+the PostgreSQL stores for ``--store``); everything else is typed against ``adapters_store.interfaces``
 (docs/store.md, "Layers").
 """
 
@@ -21,9 +21,11 @@ from fastapi import FastAPI
 
 from adapters_store.errors import StoreLockedError, StoreUnavailableError
 from adapters_store.files import FileStore
-from adapters_store.interfaces import AdapterRepository, FileRepository
+from adapters_store.interfaces import AdapterRepository, FileRepository, JobRepository
 from adapters_store.jobs import JobStore
 from adapters_store.postgres import PostgresAdapterStore, PostgresChangeFeed
+from adapters_store.postgres_files import PostgresFileStore
+from adapters_store.postgres_jobs import PostgresJobStore
 from adapters_store.store import AdapterStore
 from server.api.auth import ExposureError, KeyRing, KeysFileError, check_exposure, key_ring
 from server.engine.adapters import AdapterRegistry
@@ -95,9 +97,22 @@ def build_engine(settings: ServerSettings) -> tuple[Engine, StoreFollower | None
     return Engine(runner, registry, settings, served_model_name(settings)), follower
 
 
+def build_file_store(settings: ServerSettings) -> FileRepository:
+    """Training files in ``--store``'s database, else in ``--data-dir``, as the adapters."""
+    if settings.store is None:
+        return FileStore(settings.data_dir / "files")
+    return PostgresFileStore(settings.store)
+
+
+def build_job_store(settings: ServerSettings) -> JobRepository:
+    """Jobs, events and checkpoints (optimizer states included) in ``--store``'s database, else in ``--data-dir``."""
+    if settings.store is None:
+        return JobStore(settings.data_dir / "finetune" / "jobs.sqlite3")
+    return PostgresJobStore(settings.store)
+
+
 def build_jobs(engine: Engine, files: FileRepository, settings: ServerSettings) -> JobManager:
-    root = settings.data_dir / "finetune"
-    return JobManager(engine, files, JobStore(root / "jobs.sqlite3"), root / "checkpoints", settings)
+    return JobManager(engine, files, build_job_store(settings), settings)
 
 
 def torch_threads(requested: int) -> int:
@@ -147,11 +162,11 @@ def build_service(settings: ServerSettings, keys: KeyRing) -> Service:
     from server.api.app import create_app
 
     engine, follower = build_engine(settings)
-    files = FileStore(settings.data_dir / "files")
+    files = build_file_store(settings)
+    jobs = build_jobs(engine, files, settings)
     engine.start()
     if follower is not None:
         follower.start()
-    jobs = build_jobs(engine, files, settings)
     jobs.start()
     return Service(engine, follower, files, jobs, create_app(engine, settings, files=files, jobs=jobs, keys=keys))
 

@@ -37,8 +37,8 @@ class ServerSettings(BaseSettings):
     data_dir: Path = Field("./data", description="models, adapters, training files and jobs")
     store: str | None = Field(
         None,
-        description="the adapter store shared by replicas: a PostgreSQL database (docs/store.md); training files "
-        "and jobs stay in --data-dir; unset: the embedded store in --data-dir",
+        description="the store shared by replicas: a PostgreSQL database (docs/store.md) holding adapters, "
+        "training files and jobs; unset: the embedded store in --data-dir",
         json_schema_extra={"metavar": "postgresql://USER@HOST:PORT/DB"},
     )
     host: str = Field("127.0.0.1", description="address to listen on")
@@ -143,6 +143,12 @@ class ServerSettings(BaseSettings):
     )
     max_concurrent_jobs: int = Field(
         1, ge=1, description="fine-tuning jobs training at once; the rest queue in order", json_schema_extra=LIMIT
+    )
+    job_lease_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="a fine-tuning job's lease: renewed every third of it by the replica training the job; "
+        "another replica resumes the job from its last checkpoint once it expires (docs/finetuning.md)",
     )
     finetune_micro_batch_tokens: int = Field(
         2048,

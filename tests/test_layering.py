@@ -22,16 +22,18 @@ from adapters_store.interfaces import (
 )
 from adapters_store.jobs import JobStore
 from adapters_store.postgres import PostgresAdapterStore, PostgresChangeFeed
+from adapters_store.postgres_files import PostgresFileStore
+from adapters_store.postgres_jobs import PostgresJobStore
 from adapters_store.store import AdapterStore
 
 REPO = Path(__file__).resolve().parents[1]
 STORE = REPO / "adapters_store"
 # Model code and the server above it (``safetensors`` itself is only a file format; its torch half is not).
 FORBIDDEN = ("torch", "safetensors.torch", "transformers", "peft", "server")
-# What server/ and clients/ may import from adapters_store: the backend-neutral modules, and the durable-write
-# primitives the job manager uses for its checkpoints' optimizer state files. The backends' own modules are for
-# the composition root alone, the one place that builds them.
-NEUTRAL = {"errors", "ids", "interfaces", "records", "durable"}
+# What server/ and clients/ may import from adapters_store: the backend-neutral modules. The backends' own modules
+# (and their durable-write primitives: checkpoints' optimizer states are the job store's) are for the composition
+# root alone, the one place that builds them.
+NEUTRAL = {"errors", "ids", "interfaces", "records"}
 COMPOSITION_ROOT = REPO / "server" / "main.py"
 pytest_plugins = ["tests.postgres_fixtures"]
 PROTOCOLS = {"adapters": AdapterRepository, "catalog": AdapterCatalog, "files": FileRepository, "jobs": JobRepository}
@@ -103,14 +105,18 @@ def _shape(function) -> list[tuple[str, object, object]]:
 
 @pytest.fixture
 def postgresql(postgres_url: str):
-    """The PostgreSQL backend (adapters only, so far), on a fresh database."""
+    """The PostgreSQL backend, on a fresh database."""
     from tests.postgres_fixtures import fresh_database
 
     database = fresh_database(postgres_url)
     adapters, changes = PostgresAdapterStore(database), PostgresChangeFeed(database)
-    yield {"adapters": adapters, "catalog": adapters.index, "changes": changes, "maintenance": adapters}
-    adapters.close()
-    changes.close()
+    files, jobs = PostgresFileStore(database), PostgresJobStore(database)
+    yield {
+        "adapters": adapters, "catalog": adapters.index, "files": files, "jobs": jobs,
+        "changes": changes, "maintenance": adapters,
+    }  # fmt: skip
+    for store in (adapters, changes, files, jobs):
+        store.close()
 
 
 @pytest.mark.parametrize("kind", PROTOCOLS)
@@ -118,8 +124,8 @@ def test_the_embedded_backend_implements_the_interfaces(embedded: dict, kind: st
     _check_implements(embedded[kind], PROTOCOLS[kind], kind)
 
 
-@pytest.mark.parametrize("kind", ["adapters", "catalog", *SHARED_PROTOCOLS])
-def test_the_postgresql_backend_implements_the_adapter_interfaces(postgresql: dict, kind: str) -> None:
+@pytest.mark.parametrize("kind", [*PROTOCOLS, *SHARED_PROTOCOLS])
+def test_the_postgresql_backend_implements_the_interfaces(postgresql: dict, kind: str) -> None:
     _check_implements(postgresql[kind], (PROTOCOLS | SHARED_PROTOCOLS)[kind], kind)
 
 

@@ -1,8 +1,9 @@
 """Two real ``spectra serve --store postgresql://...`` processes on one database: what one stores, both serve.
 
-Each replica has its own ``--data-dir`` and shares the adapter store. An id B has never seen resolves through
-the store on a miss, so an upload acknowledged by A is listed, downloadable and servable by B at once; deletes
-and pins reach the other replica's resident adapters through the change feed within a second.
+Each replica has its own ``--data-dir`` and shares the store (training files and jobs: tests/test_replicas_jobs.py),
+here the adapters. An id B has never seen resolves through the store on a miss, so an upload acknowledged by A is
+listed, downloadable and servable by B at once; deletes and pins reach the other replica's resident adapters
+through the change feed within a second.
 """
 
 from __future__ import annotations

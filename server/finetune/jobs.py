@@ -1,30 +1,37 @@
-"""Fine-tuning jobs: validation, a FIFO of queued jobs, training on the served model, checkpoints.
+"""Fine-tuning jobs: validation, a FIFO of queued jobs, training on the served model, checkpoints, leases.
 
 Each job has one thread. It validates the files (``validating_files``), waits its turn in the
 queue (``queued``; at most ``max_concurrent_jobs`` train at once), then trains (``running``):
 every micro-step runs on the engine thread through :meth:`Engine.run_training`, the optimizer
 step and the bookkeeping here. Checkpoints, about ten per job and the last three kept, are stored
-adapter versions of the job's adapter id plus a file of the optimizer state, so a job whose
-server restarted resumes from its last checkpoint exactly. A job that does not succeed leaves
-no adapter versions behind.
+adapter versions of the job's adapter id plus the optimizer state (safetensors bytes the job store
+holds), so a job whose server restarted resumes from its last checkpoint exactly. A job that does
+not succeed leaves no adapter versions behind.
+
+Leases (docs/finetuning.md, "Leases"): a replica trains only the jobs whose lease it holds. It claims a
+job it creates at once, and every ``--job-lease-seconds``/3 a background thread renews the leases of its
+jobs (seeing cancels asked for on other replicas) and claims unheld jobs (new, released, or left by a
+replica that died) while it has fewer than ``max_concurrent_jobs``. A job whose lease was lost, or not
+renewed within the lease, stops between micro-steps without writing anything more: the replica that
+claims it next resumes it from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
-from adapters_store.durable import write_atomically
-from adapters_store.errors import UnknownCursorError
+from adapters_store.errors import BlobCorruptError, StoreUnavailableError, UnknownCursorError
 from adapters_store.ids import new_id, validate_adapter_id
 from adapters_store.interfaces import FileRepository, JobRepository
 from adapters_store.records import CheckpointRecord, EventRecord, JobRecord
@@ -54,6 +61,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 CHECKPOINTS_KEPT = 3
 CANCEL_WAIT_SECONDS = 30.0
+CANCEL_POLL_SECONDS = 0.2
 
 
 class JobNotFoundError(EngineError):
@@ -78,9 +86,17 @@ class ResumeError(RuntimeError):
     """A job interrupted by a restart whose checkpoint cannot be continued from."""
 
 
+class LeaseLostError(Exception):
+    """Raised inside a job thread whose replica no longer holds the job's lease: another one may train it."""
+
+
 @dataclass
 class _LiveJob:
+    # When the lease ends at the latest (monotonic clock), counted from before the call that set it: the
+    # store's expiry is later, so a replica cut off from the store stops before another can claim the job.
+    lease_deadline: float
     cancel: threading.Event = field(default_factory=threading.Event)
+    lease_lost: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     trainer: SpectralTrainer | None = None
 
@@ -101,42 +117,89 @@ def _trained_tokens(examples: list[TrainingExample]) -> int:
 
 
 class JobManager:
-    def __init__(
-        self, engine: Engine, files: FileRepository, store: JobRepository, state_dir: Path, settings: ServerSettings
-    ):
+    def __init__(self, engine: Engine, files: FileRepository, store: JobRepository, settings: ServerSettings):
         self.engine = engine
         self.files = files
         self.store = store
-        self.state_dir = state_dir
         self.settings = settings
+        # Unique per process: a restarted server is a new replica, and the leases of the old one are not its own.
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._lease_seconds = settings.job_lease_seconds
         self._live: dict[str, _LiveJob] = {}
         self._turn = threading.Condition()
         self._queue: list[str] = []
         self._running: set[str] = set()
         self._stopping = False
+        self._wake = threading.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Pick up what the last process left: running jobs resume first, then queued ones in their order,
-        then those still validating (they join the queue when validated)."""
-        running = self.store.jobs_with_status("running")
-        queued = self.store.jobs_with_status("queued")
-        with self._turn:
-            self._queue.extend(job.id for job in [*running, *queued])
-        for job in running:
-            self._launch(job.id, resumed=True)
-        for job in [*queued, *self.store.jobs_with_status("validating_files")]:
-            self._launch(job.id, resumed=False)
+        """Claim what is unheld (with the embedded store: everything the last process left), running jobs
+        first, then queued ones in their order, then those still validating; then keep the leases."""
+        self._claim()
+        threading.Thread(target=self._keep_leases, name="finetune-leases", daemon=True).start()
 
     def stop(self) -> None:
         with self._turn:
             self._stopping = True
             self._turn.notify_all()
+        self._wake.set()
 
-    def _launch(self, job_id: str, *, resumed: bool) -> None:
-        self._live[job_id] = _LiveJob()
-        threading.Thread(target=self._run, args=(job_id, resumed), name=f"finetune-{job_id}", daemon=True).start()
+    def _launch(self, job: JobRecord) -> None:
+        live = _LiveJob(lease_deadline=time.monotonic() + self._lease_seconds)
+        if job.cancel_requested:
+            live.cancel.set()
+        self._live[job.id] = live
+        resumed = job.status == "running"
+        threading.Thread(target=self._run, args=(job.id, resumed), name=f"finetune-{job.id}", daemon=True).start()
+
+    # -- leases -----------------------------------------------------------------------------------
+
+    def _keep_leases(self) -> None:
+        """Every lease/3 (or when a job of this replica ends): renew, then claim up to the free slots."""
+        while True:
+            self._wake.wait(self._lease_seconds / 3)
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self._renew()
+                self._claim()
+            except StoreUnavailableError as error:
+                logger.warning("finetune leases not renewed: %s", error)
+            except Exception:
+                logger.exception("finetune lease upkeep failed")
+
+    def _renew(self) -> None:
+        for job_id, live in list(self._live.items()):
+            asked = time.monotonic()
+            job = self.store.renew_lease(job_id, self.replica, lease_seconds=self._lease_seconds)
+            if job is None:
+                logger.warning("finetune job lease lost id=%s replica=%s", job_id, self.replica)
+                live.lease_lost.set()
+            else:
+                live.lease_deadline = asked + self._lease_seconds
+                if job.cancel_requested and not live.cancel.is_set():
+                    logger.info("finetune job cancel requested by another replica id=%s", job_id)
+                    live.cancel.set()
+            with self._turn:
+                self._turn.notify_all()
+
+    def _claim(self) -> None:
+        free = self.settings.max_concurrent_jobs - len(self._live)
+        if free <= 0 or self._stopping:
+            return
+        claimed = self.store.claim_jobs(self.replica, lease_seconds=self._lease_seconds, limit=free)
+        with self._turn:
+            self._queue.extend(job.id for job in claimed if job.status in ("running", "queued"))
+        for job in claimed:
+            logger.info("finetune job claimed id=%s status=%s replica=%s", job.id, job.status, self.replica)
+            self._launch(job)
+
+    def _check_lease(self, live: _LiveJob) -> None:
+        if live.lease_lost.is_set() or time.monotonic() > live.lease_deadline:
+            raise LeaseLostError
 
     # -- API --------------------------------------------------------------------------------------
 
@@ -178,9 +241,14 @@ class JobManager:
             adapter=spec.as_dict(),
             namespace=namespace,
         )
+        # Claimed here at once, so the job queues on the replica it was created on (another could claim it
+        # in between: then that one trains it).
+        claimed = self.store.claim_job(job_id, self.replica, lease_seconds=self._lease_seconds)
         self.store.add_event(job_id, f"Created fine-tuning job {job_id}")
         logger.info("finetune job created id=%s method=%s adapter_id=%s", job_id, spec.method, adapter_id)
-        self._launch(job_id, resumed=False)
+        if claimed is not None:
+            self._launch(claimed)
+            job = claimed
         return job
 
     def list(self, *, after: str | None, limit: int, visible_to: str | None = None) -> list[JobRecord]:
@@ -209,13 +277,25 @@ class JobManager:
                 f"job {job_id} has already finished ({job.status}); only unfinished jobs can be cancelled"
             )
         live = self._live.get(job_id)
-        if live is None:
-            return self._finish(job_id, "cancelled", message="Fine-tuning job cancelled")
-        live.cancel.set()
-        with self._turn:
-            self._turn.notify_all()
-        live.finished.wait(CANCEL_WAIT_SECONDS)
-        return self.get(job_id)
+        if live is not None:
+            live.cancel.set()
+            with self._turn:
+                self._turn.notify_all()
+            live.finished.wait(CANCEL_WAIT_SECONDS)
+            return self.get(job_id)
+        if self.store.claim_job(job_id, self.replica, lease_seconds=self._lease_seconds) is not None:
+            # No replica trains it (none claimed it yet, or its replica died): cancelled here.
+            try:
+                self._discard_outputs(job_id)
+                return self._finish(job_id, "cancelled", message="Fine-tuning job cancelled")
+            finally:
+                self.store.release_lease(job_id, self.replica)
+        # Another replica holds the lease: it cancels at its next renewal; wait for that, as for a local job.
+        self.store.update_job(job_id, cancel_requested=True)
+        deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+        while not (job := self.get(job_id)).terminal and time.monotonic() < deadline:
+            time.sleep(CANCEL_POLL_SECONDS)
+        return job
 
     def checkpoints(self, job_id: str) -> list[CheckpointRecord]:
         self.get(job_id)
@@ -287,6 +367,8 @@ class JobManager:
     def _run(self, job_id: str, resumed: bool) -> None:
         live = self._live[job_id]
         try:
+            if live.cancel.is_set():
+                raise JobCancelledError
             job = self.get(job_id)
             if job.status == "validating_files":
                 self.store.add_event(job_id, f"Validating training file: {job.training_file}")
@@ -305,6 +387,8 @@ class JobManager:
                 with self._turn:
                     self._running.discard(job_id)
                     self._turn.notify_all()
+        except LeaseLostError:
+            logger.warning("finetune job stopped id=%s: lease lost; the replica that claims it resumes it", job_id)
         except JobCancelledError:
             self._discard_outputs(job_id)
             self._finish(job_id, "cancelled", message="Fine-tuning job cancelled")
@@ -322,8 +406,13 @@ class JobManager:
             logger.exception("finetune job failed id=%s", job_id)
             self._fail(job_id, "internal_error", f"{type(error).__name__}: {error}", None)
         finally:
+            try:
+                self.store.release_lease(job_id, self.replica)
+            except StoreUnavailableError as error:
+                logger.warning("finetune job lease not released id=%s: %s", job_id, error)
             live.finished.set()
             self._live.pop(job_id, None)
+            self._wake.set()
 
     def _wait_turn(self, job_id: str, live: _LiveJob) -> None:
         with self._turn:
@@ -332,6 +421,7 @@ class JobManager:
             try:
                 while not (
                     live.cancel.is_set()
+                    or live.lease_lost.is_set()
                     or self._stopping
                     or (self._queue[0] == job_id and len(self._running) < self.settings.max_concurrent_jobs)
                 ):
@@ -339,6 +429,7 @@ class JobManager:
             finally:
                 self._queue.remove(job_id)
                 self._turn.notify_all()
+            self._check_lease(live)
             if live.cancel.is_set():
                 raise JobCancelledError
             if self._stopping:
@@ -346,6 +437,7 @@ class JobManager:
             self._running.add(job_id)
 
     def _engine_step(self, live: _LiveJob, work: Callable[[], T]) -> T:
+        self._check_lease(live)
         if live.cancel.is_set():
             raise JobCancelledError
         return self.engine.run_training(work)
@@ -416,6 +508,7 @@ class JobManager:
             )
             if plan.is_checkpoint(trainer.step):
                 self._checkpoint(job, live, trainer, validation, loss, trained_tokens)
+        self._check_lease(live)
         self._finish(
             job.id,
             "succeeded",
@@ -423,7 +516,7 @@ class JobManager:
             fine_tuned_model=job.adapter_id,
             trained_tokens=trained_tokens,
         )
-        self._remove_state_files(job.id)
+        self.store.clear_states(job.id)
 
     def _checkpoint(
         self,
@@ -442,11 +535,7 @@ class JobManager:
                 total = LossSum(total.total + part.total, total.tokens + part.tokens)
             metrics["valid_loss"] = total.mean
         final = trainer.step == trainer.plan.total_steps
-        state_path = None
-        if not final:
-            state_path = self.state_dir / job.id / f"step-{trainer.step}.safetensors"
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(state_path, save(trainer.state_tensors()), state_path.parent)
+        self._check_lease(live)
         record = self.engine.registry.register(
             job.adapter_id,
             trainer.adapter(),
@@ -459,7 +548,7 @@ class JobManager:
             step=trainer.step,
             adapter_version=record.version,
             metrics=metrics,
-            state_path=None if state_path is None else str(state_path),
+            state=None if final else save(trainer.state_tensors()),
         )
         self.store.add_event(
             job.id,
@@ -472,8 +561,6 @@ class JobManager:
     def _delete_checkpoint(self, job: JobRecord, checkpoint: CheckpointRecord) -> None:
         if self.engine.registry.has_version(job.adapter_id, checkpoint.adapter_version):
             self.engine.registry.delete(f"{job.adapter_id}@{checkpoint.adapter_version}")
-        if checkpoint.state_path:
-            Path(checkpoint.state_path).unlink(missing_ok=True)
         self.store.delete_checkpoint(checkpoint.id)
 
     def _resume(self, job: JobRecord, trainer: SpectralTrainer) -> int:
@@ -486,15 +573,21 @@ class JobManager:
             return 0
         if latest.step == trainer.plan.total_steps:
             trainer.step = latest.step
-        elif latest.state_path is None or not Path(latest.state_path).exists():
-            raise ResumeError(
-                f"the server restarted during the job and the optimizer state of its checkpoint at step "
-                f"{latest.step} is missing; start a new job"
-            )
         else:
-            trainer.restore(load_file(latest.state_path), latest.step)
+            try:
+                state = self.store.checkpoint_state(latest.id)
+            except BlobCorruptError as error:
+                raise ResumeError(f"the server restarted during the job and {error}; start a new job") from error
+            if state is None:
+                raise ResumeError(
+                    f"the server restarted during the job and the optimizer state of its checkpoint at step "
+                    f"{latest.step} is missing; start a new job"
+                )
+            trainer.restore(load(state), latest.step)
         self.store.add_event(
-            job.id, f"The server restarted; training resumed from the checkpoint at step {latest.step}"
+            job.id,
+            f"The server restarted; training resumed from the checkpoint at step {latest.step} "
+            f"on replica {self.replica}",
         )
         return int(latest.metrics.get("trained_tokens", 0))
 
@@ -512,7 +605,7 @@ class JobManager:
         )
 
     def _discard_outputs(self, job_id: str) -> None:
-        """Remove the job's checkpoint versions and state files: a job that does not succeed leaves no adapter."""
+        """Remove the job's checkpoint versions and states: a job that does not succeed leaves no adapter."""
         job = self.store.get_job(job_id)
         if job is None:
             return
@@ -523,15 +616,7 @@ class JobManager:
         for record in registry.versions(job.adapter_id):
             if record.metadata.get("fine_tuning_job") == job_id:
                 registry.delete(f"{record.adapter_id}@{record.version}")
-        self._remove_state_files(job_id)
-
-    def _remove_state_files(self, job_id: str) -> None:
-        directory = self.state_dir / job_id
-        if directory.exists():
-            for path in directory.iterdir():
-                path.unlink(missing_ok=True)
-            directory.rmdir()
-        self.store.clear_state_paths(job_id)
+        self.store.clear_states(job_id)
 
     def _finish(self, job_id: str, status: str, *, message: str, level: str = "info", **fields: Any) -> JobRecord:
         fields.setdefault("estimated_finish", None)

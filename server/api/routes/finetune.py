@@ -81,6 +81,7 @@ def job_object(job: JobRecord) -> FineTuningJob:
         adapter_id=job.adapter_id,
         step=job.step,
         total_steps=job.hyperparameters["total_steps"] if job.hyperparameters else None,
+        replica=job.owner,
     )
 
 

@@ -27,5 +27,9 @@ async def health(engine: EngineDep) -> HealthResponse | JSONResponse:
 async def info(engine: EngineDep, jobs: JobsDep) -> dict:
     return {
         **engine.info(),
-        "fine_tuning": {"jobs": jobs.status_counts(), "training_state_bytes": jobs.training_bytes()},
+        "fine_tuning": {
+            "jobs": jobs.status_counts(),
+            "training_state_bytes": jobs.training_bytes(),
+            "replica": jobs.replica,
+        },
     }

@@ -159,6 +159,9 @@ class FineTuningJob(BaseModel):
     adapter_id: str = Field(description="where the adapter and its checkpoints are stored")
     step: int
     total_steps: int | None
+    replica: str | None = Field(
+        None, description="the replica training the job (holding its lease, /info's fine_tuning.replica)"
+    )
 
 
 class FineTuningJobList(BaseModel):
