@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import secrets
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +72,13 @@ def build_adapter_store(settings: ServerSettings) -> AdapterRepository:
 
 
 def replica_id() -> str:
-    """Who holds a shared store's leases: unique among live replicas on any number of hosts."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """Who holds a shared store's leases (jobs, garbage collection): unique among replicas on any number of
+    hosts, and new at each start (in a container the pid and hostname repeat), so a restarted server never
+    mistakes its predecessor's leases for its own."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def build_engine(settings: ServerSettings) -> tuple[Engine, StoreFollower | None]:
+def build_engine(settings: ServerSettings, replica: str) -> tuple[Engine, StoreFollower | None]:
     """The engine, and for a shared store the follower of its change feed (started with the engine)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     model_path = settings.model or str(ensure_default_model(settings.data_dir))
@@ -91,7 +94,7 @@ def build_engine(settings: ServerSettings) -> tuple[Engine, StoreFollower | None
     )
     follower = None
     if isinstance(store, PostgresAdapterStore):
-        follower = StoreFollower(registry, PostgresChangeFeed(store.url), store, replica_id=replica_id())
+        follower = StoreFollower(registry, PostgresChangeFeed(store.url), store, replica_id=replica)
     store_startup_adapters(registry, settings.adapters, settings.max_adapter_bytes)
     registry.load_pinned()
     return Engine(runner, registry, settings, served_model_name(settings)), follower
@@ -111,8 +114,8 @@ def build_job_store(settings: ServerSettings) -> JobRepository:
     return PostgresJobStore(settings.store)
 
 
-def build_jobs(engine: Engine, files: FileRepository, settings: ServerSettings) -> JobManager:
-    return JobManager(engine, files, build_job_store(settings), settings)
+def build_jobs(engine: Engine, files: FileRepository, settings: ServerSettings, replica: str) -> JobManager:
+    return JobManager(engine, files, build_job_store(settings), settings, replica=replica)
 
 
 def torch_threads(requested: int) -> int:
@@ -161,9 +164,10 @@ def build_service(settings: ServerSettings, keys: KeyRing) -> Service:
     """Build and start everything behind the app; store errors propagate (the caller decides how to fail)."""
     from server.api.app import create_app
 
-    engine, follower = build_engine(settings)
+    replica = replica_id()
+    engine, follower = build_engine(settings, replica)
     files = build_file_store(settings)
-    jobs = build_jobs(engine, files, settings)
+    jobs = build_jobs(engine, files, settings, replica)
     engine.start()
     if follower is not None:
         follower.start()

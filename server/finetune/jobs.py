@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -117,13 +115,15 @@ def _trained_tokens(examples: list[TrainingExample]) -> int:
 
 
 class JobManager:
-    def __init__(self, engine: Engine, files: FileRepository, store: JobRepository, settings: ServerSettings):
+    def __init__(
+        self, engine: Engine, files: FileRepository, store: JobRepository, settings: ServerSettings, *, replica: str
+    ):
+        """``replica``: who holds this process's leases (``server.main.replica_id``)."""
         self.engine = engine
         self.files = files
         self.store = store
         self.settings = settings
-        # Unique per process: a restarted server is a new replica, and the leases of the old one are not its own.
-        self.replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.replica = replica
         self._lease_seconds = settings.job_lease_seconds
         self._live: dict[str, _LiveJob] = {}
         self._turn = threading.Condition()
