@@ -167,7 +167,7 @@ _MIGRATION_LOCK = 0x5EC7A_0001
 CHANGES_CHANNEL = "spectra_adapter_changes"
 _GC_LEASE = "garbage-collection"
 # The database's clock, so leases held by replicas on different hosts expire by one clock.
-_NOW = "extract(epoch FROM clock_timestamp())"
+DATABASE_NOW = "extract(epoch FROM clock_timestamp())::double precision"
 _COLUMNS = (
     "adapter_id, version, sha256, method, n_params, size_bytes, source_format, base_model, description, metadata, "
     "created_at, broken, pinned, public"
@@ -182,7 +182,7 @@ def _record(row: dict[str, Any]) -> AdapterRecord:
     return AdapterRecord(**row)
 
 
-class _Connection:
+class StoreConnection:
     """One autocommit connection behind a lock; ``transaction()`` for writes, ``session()`` for single reads."""
 
     def __init__(self, url: str):
@@ -223,7 +223,7 @@ class _Connection:
             self._db.close()
 
 
-def migrate(connection: _Connection) -> int:
+def migrate(connection: StoreConnection) -> int:
     """Apply the schema steps this database lacks; returns the schema version now."""
     with connection.transaction() as db:
         db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
@@ -243,7 +243,7 @@ def migrate(connection: _Connection) -> int:
     return len(MIGRATIONS)
 
 
-def _lock_blob(db: psycopg.Connection, sha256: str) -> None:
+def lock_blob(db: psycopg.Connection, sha256: str) -> None:
     db.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (sha256,))
 
 
@@ -261,7 +261,7 @@ def _record_change(db: psycopg.Connection, adapter_id: str, version: int, kind: 
 class PostgresAdapterIndex:
     """The versions that exist, read from the shared database (nothing cached: every replica sees every commit)."""
 
-    def __init__(self, connection: _Connection):
+    def __init__(self, connection: StoreConnection):
         self._connection = connection
 
     def get(self, adapter_id: str, version: int | None = None) -> AdapterRecord | None:
@@ -336,7 +336,7 @@ class PostgresAdapterStore:
 
     def __init__(self, url: str):
         self.url = url
-        self._connection = _Connection(url)
+        self._connection = StoreConnection(url)
         self.schema_version = migrate(self._connection)
         self._index = PostgresAdapterIndex(self._connection)
 
@@ -363,7 +363,7 @@ class PostgresAdapterStore:
         validate_adapter_id(adapter_id)
         sha256 = hashlib.sha256(data).hexdigest()
         with self._connection.transaction() as db:
-            _lock_blob(db, sha256)
+            lock_blob(db, sha256)
             db.execute(
                 """INSERT INTO adapter_blobs VALUES (%s, %s) ON CONFLICT (sha256) DO UPDATE SET data = EXCLUDED.data
                    WHERE sha256(adapter_blobs.data) <> decode(adapter_blobs.sha256, 'hex')""",
@@ -416,7 +416,7 @@ class PostgresAdapterStore:
         with self._connection.transaction() as db:
             rows = db.execute(f"DELETE FROM adapter_versions WHERE {where} RETURNING {_COLUMNS}", params).fetchall()
             for sha256 in sorted({row["sha256"] for row in rows}):
-                _lock_blob(db, sha256)
+                lock_blob(db, sha256)
                 db.execute(
                     """DELETE FROM adapter_blobs b WHERE b.sha256 = %s
                        AND NOT EXISTS (SELECT 1 FROM adapter_versions v WHERE v.sha256 = b.sha256)""",
@@ -437,9 +437,9 @@ class PostgresAdapterStore:
         """
         with self._connection.transaction() as db:
             held = db.execute(
-                f"""INSERT INTO store_leases VALUES (%(name)s, %(owner)s, {_NOW} + %(ttl)s)
+                f"""INSERT INTO store_leases VALUES (%(name)s, %(owner)s, {DATABASE_NOW} + %(ttl)s)
                     ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
-                    WHERE store_leases.owner = EXCLUDED.owner OR store_leases.expires_at < {_NOW}
+                    WHERE store_leases.owner = EXCLUDED.owner OR store_leases.expires_at < {DATABASE_NOW}
                     RETURNING owner""",
                 {"name": _GC_LEASE, "owner": owner, "ttl": lease_seconds},
             ).fetchone()
@@ -447,7 +447,7 @@ class PostgresAdapterStore:
             return None
         with self._connection.transaction() as db:
             pruned = db.execute(
-                f"DELETE FROM adapter_changes WHERE created_at < {_NOW} - %s RETURNING seq", (grace_seconds,)
+                f"DELETE FROM adapter_changes WHERE created_at < {DATABASE_NOW} - %s RETURNING seq", (grace_seconds,)
             ).fetchall()
             if pruned:
                 db.execute(
@@ -457,13 +457,13 @@ class PostgresAdapterStore:
         orphans = 0
         with self._connection.session() as db:
             candidates = db.execute(
-                f"""SELECT sha256 FROM adapter_blobs b WHERE created_at < {_NOW} - %s
+                f"""SELECT sha256 FROM adapter_blobs b WHERE created_at < {DATABASE_NOW} - %s
                     AND NOT EXISTS (SELECT 1 FROM adapter_versions v WHERE v.sha256 = b.sha256)""",
                 (grace_seconds,),
             ).fetchall()
         for row in candidates:
             with self._connection.transaction() as db:
-                _lock_blob(db, row["sha256"])
+                lock_blob(db, row["sha256"])
                 orphans += db.execute(
                     """DELETE FROM adapter_blobs b WHERE b.sha256 = %s
                        AND NOT EXISTS (SELECT 1 FROM adapter_versions v WHERE v.sha256 = b.sha256)""",

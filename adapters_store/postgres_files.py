@@ -19,7 +19,7 @@ import time
 
 from adapters_store.errors import FileBrokenError, UnknownCursorError
 from adapters_store.ids import new_id
-from adapters_store.postgres import _Connection, _lock_blob, migrate
+from adapters_store.postgres import StoreConnection, lock_blob, migrate
 from adapters_store.records import FileRecord
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class PostgresFileStore:
     """Training files in the database at ``url``; one connection behind a lock, as the adapter store."""
 
     def __init__(self, url: str):
-        self._connection = _Connection(url)
+        self._connection = StoreConnection(url)
         self.schema_version = migrate(self._connection)
 
     def put(
@@ -46,7 +46,7 @@ class PostgresFileStore:
     ) -> FileRecord:
         sha256 = hashlib.sha256(data).hexdigest()
         with self._connection.transaction() as db:
-            _lock_blob(db, sha256)
+            lock_blob(db, sha256)
             db.execute(
                 """INSERT INTO training_file_blobs VALUES (%s, %s) ON CONFLICT (sha256) DO UPDATE
                    SET data = EXCLUDED.data
@@ -108,7 +108,7 @@ class PostgresFileStore:
             row = db.execute("DELETE FROM training_files WHERE id = %s RETURNING sha256", (file_id,)).fetchone()
             if row is None:
                 return False
-            _lock_blob(db, row["sha256"])
+            lock_blob(db, row["sha256"])
             db.execute(
                 """DELETE FROM training_file_blobs b WHERE b.sha256 = %s
                    AND NOT EXISTS (SELECT 1 FROM training_files f WHERE f.sha256 = b.sha256)""",

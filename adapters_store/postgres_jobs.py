@@ -22,13 +22,12 @@ from psycopg.types.json import Jsonb
 
 from adapters_store.errors import BlobCorruptError, UnknownCursorError
 from adapters_store.ids import new_id
-from adapters_store.postgres import _Connection, migrate
+from adapters_store.postgres import DATABASE_NOW, StoreConnection, migrate
 from adapters_store.records import CheckpointRecord, EventRecord, JobRecord
 
 _JOB_COLUMNS = ", ".join(field.name for field in fields(JobRecord))
 _JSON_COLUMNS = frozenset({"request", "hyperparameters", "adapter", "error"})
 _CHECKPOINT_COLUMNS = "id, job_id, created_at, step, adapter_version, metrics, state IS NOT NULL AS has_state"
-_NOW = "extract(epoch FROM clock_timestamp())::double precision"
 _UNFINISHED = "status IN ('running', 'queued', 'validating_files')"
 _CLAIM_ORDER = "CASE status WHEN 'running' THEN 0 WHEN 'queued' THEN 1 ELSE 2 END, created_at, seq"
 _EPOCH = "extract(epoch FROM clock_timestamp())::bigint"
@@ -42,7 +41,7 @@ class PostgresJobStore:
     """Jobs in the database at ``url``; one connection behind a lock, as the adapter store."""
 
     def __init__(self, url: str):
-        self._connection = _Connection(url)
+        self._connection = StoreConnection(url)
         self.schema_version = migrate(self._connection)
 
     def close(self) -> None:
@@ -216,9 +215,9 @@ class PostgresJobStore:
     def claim_jobs(self, owner: str, *, lease_seconds: float, limit: int) -> list[JobRecord]:
         rows = self._all(
             f"""WITH claimable AS (
-                    SELECT id FROM jobs WHERE {_UNFINISHED} AND (owner IS NULL OR lease_expires_at < {_NOW})
+                    SELECT id FROM jobs WHERE {_UNFINISHED} AND (owner IS NULL OR lease_expires_at < {DATABASE_NOW})
                     ORDER BY {_CLAIM_ORDER} LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
-                UPDATE jobs SET owner = %(owner)s, lease_expires_at = {_NOW} + %(lease)s
+                UPDATE jobs SET owner = %(owner)s, lease_expires_at = {DATABASE_NOW} + %(lease)s
                 FROM claimable WHERE jobs.id = claimable.id
                 RETURNING seq, {", ".join(f"jobs.{name}" for name in _JOB_COLUMNS.split(", "))}""",
             {"owner": owner, "lease": lease_seconds, "limit": limit},
@@ -229,9 +228,9 @@ class PostgresJobStore:
 
     def claim_job(self, job_id: str, owner: str, *, lease_seconds: float) -> JobRecord | None:
         row = self._one(
-            f"""UPDATE jobs SET owner = %(owner)s, lease_expires_at = {_NOW} + %(lease)s
+            f"""UPDATE jobs SET owner = %(owner)s, lease_expires_at = {DATABASE_NOW} + %(lease)s
                 WHERE id = %(id)s AND {_UNFINISHED}
-                  AND (owner IS NULL OR owner = %(owner)s OR lease_expires_at < {_NOW})
+                  AND (owner IS NULL OR owner = %(owner)s OR lease_expires_at < {DATABASE_NOW})
                 RETURNING {_JOB_COLUMNS}""",
             {"owner": owner, "lease": lease_seconds, "id": job_id},
         )
@@ -239,7 +238,7 @@ class PostgresJobStore:
 
     def renew_lease(self, job_id: str, owner: str, *, lease_seconds: float) -> JobRecord | None:
         row = self._one(
-            f"""UPDATE jobs SET lease_expires_at = {_NOW} + %s WHERE id = %s AND owner = %s
+            f"""UPDATE jobs SET lease_expires_at = {DATABASE_NOW} + %s WHERE id = %s AND owner = %s
                 RETURNING {_JOB_COLUMNS}""",
             (lease_seconds, job_id, owner),
         )
