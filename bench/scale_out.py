@@ -10,7 +10,10 @@ Everything runs in this one process run, on a throwaway PostgreSQL cluster (``te
    replica one torch thread, under the bench/load.py mix (streaming TGI and OpenAI clients, base and
    ``--adapters`` adapters): generated tokens/s of two replicas over one (the ratio is the claim; the machine
    is noisy), and the adapter-affinity hit rate: of the adapter requests in the window, the share served by a
-   replica that already had the adapter resident (1 - bank loads / adapter requests, summed over replicas).
+   replica that already had it in its routing set (the ``x-spectra-affinity`` response header).
+3. The same mix against 1 then 2 plain ``spectra serve --store`` processes with no proxy, each client tied to one
+   process and each process to its share of the adapters: what the machine itself gives a second replica, the
+   ceiling for the Ray figure.
 
 Targets (issue 15): throughput ratio >= 1.6, affinity hit rate >= 90% with 100 adapters, upload -> servable on
 the other replica p99 <= 1 s.
@@ -21,6 +24,8 @@ Usage: ``PYTHONPATH=. .venv/bin/python bench/scale_out.py [--quick]`` (~6 min; `
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -41,6 +46,8 @@ from bench.common import (
     wait_for_quiet_machine,
     write_report,
 )
+from bench.serve_throughput import LARGE_CONFIG, LARGE_MODEL
+from server.models.embedded import save_tiny_model, tiny_llama_config
 from server.spectral.formats import native
 from tests.postgres_fixtures import fresh_database, throwaway_cluster
 
@@ -123,11 +130,11 @@ def propagation(database: str, work: Path, args: argparse.Namespace) -> dict:
     return result
 
 
-def throughput(database: str, work: Path, replicas: int, args: argparse.Namespace) -> dict:
+def throughput(database: str, work: Path, replicas: int, model: Path | None, args: argparse.Namespace) -> dict:
     """bench/load.py's mix through Serve's proxy in front of ``replicas`` replicas of one torch thread each."""
     serve = (
         "--store", database, "--replicas", str(replicas), "--cpus-per-replica", "1", "--torch-threads", "1",
-        "--max-batch-size", str(args.max_batch_size),
+        "--max-batch-size", str(args.max_batch_size), *(("--model", str(model)) if model else ()),
     )  # fmt: skip
     work.mkdir()
     started = time.perf_counter()
@@ -162,6 +169,54 @@ def throughput(database: str, work: Path, replicas: int, args: argparse.Namespac
     return summary
 
 
+def without_proxy(database: str, work: Path, processes: int, model: Path | None, args: argparse.Namespace) -> dict:
+    """The same mix against ``processes`` plain ``spectra serve --store`` processes (one torch thread each) and no
+    Ray: each client sticks to one process, and each process gets its own share of the adapters (perfect
+    affinity by construction). What this machine gives two replicas without the proxy's and ingress's hops."""
+    serve = (
+        "--store", database, "--torch-threads", "1", "--max-batch-size", str(args.max_batch_size),
+        *(("--model", str(model)) if model else ()),
+    )  # fmt: skip
+    work.mkdir()
+    load_args = load.parse_args(
+        [
+            "--clients", str(args.clients // processes), "--duration-s", str(args.duration_s),
+            "--adapters", str(args.adapters), "--max-batch-size", str(args.max_batch_size), "--seed", str(processes),
+        ]
+    )  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for index in range(processes):
+            (work / str(index)).mkdir()
+            servers.append(stack.enter_context(running_server(work / str(index), *serve)))
+        with httpx.Client(base_url=servers[0].base_url, timeout=120) as client:
+            info = client.get("/info").json()
+            uploaded = load.upload_adapters(client, target_shapes(Path(info["model_path"])), load_args)
+        shares = [uploaded["ids"][index::processes] for index in range(processes)]
+        for server, share in zip(servers, shares, strict=True):
+            with httpx.Client(base_url=server.base_url, timeout=120) as client:
+                for adapter_id in share:
+                    body = {"inputs": "warm up", "parameters": {"adapter_id": adapter_id, "max_new_tokens": 1}}
+                    client.post("/generate", json=body).raise_for_status()
+
+        async def all_at_once() -> list:
+            return await asyncio.gather(
+                *(
+                    load.load(server.base_url, server.pid, share, info["model_id"], load_args)
+                    for server, share in zip(servers, shares, strict=True)
+                )
+            )
+
+        totals = [result[0] for result in asyncio.run(all_at_once())]
+    summary = {
+        "processes": processes,
+        "tokens_per_s": round(sum(total.tokens_in_window for total in totals) / args.duration_s, 1),
+        "errors": sum(total.errors for total in totals),
+    }
+    print(f"{processes} process(es) without a proxy: {summary['tokens_per_s']} tok/s, errors {summary['errors']}")
+    return summary
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 uploads, 5 pins, 15 s windows")
@@ -172,6 +227,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration-s", type=float, default=45.0, help="each throughput window")
     parser.add_argument("--max-batch-size", type=int, default=16, help="each replica's --max-batch-size")
     parser.add_argument("--repeats", type=int, default=1, help="alternating 1- and 2-replica windows; medians")
+    parser.add_argument(
+        "--model",
+        choices=("embedded", LARGE_MODEL),
+        default="embedded",
+        help=f"served in the throughput windows: the embedded default, or {LARGE_MODEL} (bench/serve_throughput.py)",
+    )
     parser.add_argument("--max-load", type=float, default=1.0, help="wait for a 1-minute load below this")
     parser.add_argument("--load-wait-s", type=float, default=120.0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale_out.json"))
@@ -190,19 +251,31 @@ def main() -> None:
         work = Path(tmp)
         (work / "propagation").mkdir()
         result: dict = {"propagation": propagation(fresh_database(cluster), work / "propagation", args)}
+        model = (
+            None if args.model == "embedded" else save_tiny_model(work / args.model, tiny_llama_config(**LARGE_CONFIG))
+        )
         runs: dict[int, list[dict]] = {1: [], 2: []}
+        plain: dict[int, list[dict]] = {1: [], 2: []}
         for repeat in range(args.repeats):
             for replicas in (1, 2):
                 runs[replicas].append(
-                    throughput(fresh_database(cluster), work / f"replicas-{replicas}-{repeat}", replicas, args)
+                    throughput(fresh_database(cluster), work / f"replicas-{replicas}-{repeat}", replicas, model, args)
+                )
+            for processes in (1, 2):
+                plain[processes].append(
+                    without_proxy(fresh_database(cluster), work / f"plain-{processes}-{repeat}", processes, model, args)
                 )
     ratios = [two["tokens_per_s"] / one["tokens_per_s"] for one, two in zip(runs[1], runs[2], strict=True)]
+    plain_ratios = [two["tokens_per_s"] / one["tokens_per_s"] for one, two in zip(plain[1], plain[2], strict=True)]
     hit_rates = [run["affinity_hit_rate"] for run in runs[2] if run["affinity_hit_rate"] is not None]
     result["throughput"] = {
         "runs": runs,
         "two_over_one": [round(ratio, 3) for ratio in ratios],
         "two_over_one_median": round(statistics.median(ratios), 3),
         "affinity_hit_rate_two_replicas_median": round(statistics.median(hit_rates), 4) if hit_rates else None,
+        "without_proxy": plain,
+        "without_proxy_two_over_one": [round(ratio, 3) for ratio in plain_ratios],
+        "without_proxy_two_over_one_median": round(statistics.median(plain_ratios), 3),
     }
     servable_p99 = result["propagation"]["upload_to_servable_on_other_ms"]["p99"]
     verdicts = {
@@ -213,7 +286,8 @@ def main() -> None:
     result["targets"] = verdicts
     print(
         f"\n== two replicas / one: {result['throughput']['two_over_one']} (median "
-        f"{result['throughput']['two_over_one_median']}); affinity hit rate "
+        f"{result['throughput']['two_over_one_median']}); without the proxy "
+        f"{result['throughput']['without_proxy_two_over_one']}; affinity hit rate "
         f"{result['throughput']['affinity_hit_rate_two_replicas_median']}; upload -> servable on the other p99 "
         f"{servable_p99} ms; targets {verdicts}"
     )

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from adapters_store.interfaces import AdapterRepository
 from adapters_store.store import AdapterStore
 from server.engine.adapters import AdapterRegistry
 from server.engine.engine import Engine
@@ -30,15 +31,19 @@ def random_adapter(
     return SpectralAdapter(method, modules, norm="ortho", seed=seed if method == "fourierft" else None)  # type: ignore[arg-type]
 
 
-def make_engine(model_dir: Path, store_dir: Path, *, adapter_memory: int = 1 << 30, **settings: float) -> Engine:
-    runner = ModelRunner(model_dir, dtype="float32", device="cpu")
-    store = AdapterStore(store_dir)
-    registry = AdapterRegistry(
+def registry_for(runner: ModelRunner, store: AdapterRepository, memory_budget_bytes: int) -> AdapterRegistry:
+    """The registry of ``runner``'s bank over ``store``, for a model served as "tiny"."""
+    return AdapterRegistry(
         runner.bank,
         runner.module_shapes,
         runner.architecture,
         store,
         base_model="tiny",
-        memory_budget_bytes=adapter_memory,
+        memory_budget_bytes=memory_budget_bytes,
     )
+
+
+def make_engine(model_dir: Path, store_dir: Path, *, adapter_memory: int = 1 << 30, **settings: float) -> Engine:
+    runner = ModelRunner(model_dir, dtype="float32", device="cpu")
+    registry = registry_for(runner, AdapterStore(store_dir), adapter_memory)
     return Engine(runner, registry, ServerSettings(**settings), "tiny")

@@ -20,7 +20,7 @@ from server.engine.adapters import AdapterMemoryFullError, AdapterRegistry, resi
 from server.engine.model_runner import ModelRunner
 from server.engine.store_follower import StoreFollower
 from server.engine.types import UnknownAdapterError
-from tests.engine_fixtures import random_adapter
+from tests.engine_fixtures import random_adapter, registry_for
 
 pytest_plugins = ["tests.postgres_fixtures"]
 
@@ -199,14 +199,7 @@ def make_replica(tiny_llama_dir: Path, database: str) -> Iterator[Callable[..., 
     def make(*, room_for: int = 4) -> Replica:
         runner = ModelRunner(tiny_llama_dir, dtype="float32", device="cpu")
         store = PostgresAdapterStore(database)
-        registry = AdapterRegistry(
-            runner.bank,
-            runner.module_shapes,
-            runner.architecture,
-            store,
-            base_model="tiny",
-            memory_budget_bytes=room_for * resident_cost(random_adapter(runner.module_shapes, 0)),
-        )
+        registry = registry_for(runner, store, room_for * resident_cost(random_adapter(runner.module_shapes, 0)))
         follower = StoreFollower(registry, PostgresChangeFeed(database), store, replica_id=f"r{len(started)}")
         registry.load_pinned()
         follower.start()

@@ -24,7 +24,7 @@ from server.engine.model_runner import ModelRunner
 from server.engine.types import UnknownAdapterError
 from server.spectral.adapter import SpectralAdapter
 from server.spectral.bank import AdapterBank
-from tests.engine_fixtures import random_adapter
+from tests.engine_fixtures import random_adapter, registry_for
 
 MakeRegistry = Callable[..., AdapterRegistry]
 
@@ -38,14 +38,7 @@ def make_registry(tiny_llama_dir: Path, tmp_path: Path) -> Iterator[MakeRegistry
         runner = ModelRunner(tiny_llama_dir, dtype="float32", device="cpu")
         store = AdapterStore(tmp_path / "store")
         stores.append(store)
-        return AdapterRegistry(
-            runner.bank,
-            runner.module_shapes,
-            runner.architecture,
-            store,
-            base_model="tiny",
-            memory_budget_bytes=room_for * resident_cost(adapter_for(runner.module_shapes, 0)),
-        )
+        return registry_for(runner, store, room_for * resident_cost(adapter_for(runner.module_shapes, 0)))
 
     yield make
     for store in stores:
