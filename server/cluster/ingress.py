@@ -120,14 +120,14 @@ async def _coalesced(stream: DeploymentResponseGenerator) -> AsyncIterator[bytes
     machine is busy, several token events of a stream wait here at once and go out as one, at no cost in
     latency. A stream that keeps up is relayed chunk by chunk, as it came.
     """
-    arrived: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+    arrived: asyncio.Queue[bytes | Exception | None] = asyncio.Queue()
 
     async def pump() -> None:
         try:
             async for chunk in stream:
                 arrived.put_nowait(chunk)
             arrived.put_nowait(None)
-        except BaseException as error:  # handed to the reader, which raises it in the response's task
+        except Exception as error:  # handed to the reader, which raises it in the response's task
             arrived.put_nowait(error)
 
     pumping = asyncio.create_task(pump())
@@ -136,7 +136,7 @@ async def _coalesced(stream: DeploymentResponseGenerator) -> AsyncIterator[bytes
             parts: list[bytes] = []
             item = await arrived.get()
             while True:
-                if item is None or isinstance(item, BaseException):
+                if item is None or isinstance(item, Exception):
                     if parts:
                         yield b"".join(parts)
                     if item is None:

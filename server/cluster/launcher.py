@@ -27,9 +27,23 @@ logger = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 
 
+# Read by every Ray process at start. No usage statistics are sent anywhere (CI and these machines have no
+# internet). The rest is Ray Serve's own throughput profile (RAY_SERVE_THROUGHPUT_OPTIMIZED) without its direct
+# ingress, which would open an HTTP port per replica: user code on the replica's event loop instead of a thread
+# of its own, the router on the caller's loop, and requests between deployments over gRPC rather than actor
+# calls. Each streamed token crosses two deployments (replica -> ingress -> proxy), and on a 2-core machine
+# those hops cost as much CPU as the replicas (docs/benchmarks.md, "Scale-out").
+RAY_ENVIRONMENT = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+}
+
+
 def _start_ray(settings: ServerSettings) -> None:
-    # Read by Ray at start: no usage statistics are sent anywhere (CI and these machines have no internet).
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name, value in RAY_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     if settings.ray_address is not None:
         ray.init(address=settings.ray_address, configure_logging=False)
         return
