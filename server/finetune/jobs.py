@@ -286,8 +286,7 @@ class JobManager:
         if self.store.claim_job(job_id, self.replica, lease_seconds=self._lease_seconds) is not None:
             # No replica trains it (none claimed it yet, or its replica died): cancelled here.
             try:
-                self._discard_outputs(job_id)
-                return self._finish(job_id, "cancelled", message="Fine-tuning job cancelled")
+                return self._cancelled(job_id)
             finally:
                 self.store.release_lease(job_id, self.replica)
         # Another replica holds the lease: it cancels at its next renewal; wait for that, as for a local job.
@@ -390,8 +389,7 @@ class JobManager:
         except LeaseLostError:
             logger.warning("finetune job stopped id=%s: lease lost; the replica that claims it resumes it", job_id)
         except JobCancelledError:
-            self._discard_outputs(job_id)
-            self._finish(job_id, "cancelled", message="Fine-tuning job cancelled")
+            self._cancelled(job_id)
         except EngineStoppedError:
             logger.info("finetune job interrupted by shutdown id=%s; it resumes on restart", job_id)
         except NonFiniteLossError as error:
@@ -592,6 +590,10 @@ class JobManager:
         return int(latest.metrics.get("trained_tokens", 0))
 
     # -- endings ----------------------------------------------------------------------------------
+
+    def _cancelled(self, job_id: str) -> JobRecord:
+        self._discard_outputs(job_id)
+        return self._finish(job_id, "cancelled", message="Fine-tuning job cancelled")
 
     def _fail(self, job_id: str, code: str, message: str, param: str | None) -> None:
         logger.error("finetune job failed id=%s code=%s message=%s", job_id, code, message)
