@@ -6,7 +6,7 @@ Everything runs in this one process run, on a throwaway PostgreSQL cluster (``te
    adapters are uploaded to A one at a time; after each 201, B is asked for one token with the new id until it
    answers 200 (upload -> servable on the other replica). Then each id is deleted on A and B is asked until it
    answers 404, and a pinned upload on A is timed until B's ``spectra_adapters_resident`` counts it.
-2. Throughput, ``spectra serve --replicas R --store ...`` behind Ray Serve's proxy for R = 1 then 2, each
+2. Throughput, ``spectra serve --replicas R --store ...`` behind Ray Serve's HAProxy front for R = 1 then 2, each
    replica one torch thread, under the bench/load.py mix (streaming TGI and OpenAI clients, base and
    ``--adapters`` adapters): generated tokens/s of two replicas over one (the ratio is the claim; the machine
    is noisy), and the adapter-affinity hit rate: of the adapter requests in the window, the share served by a
@@ -131,7 +131,7 @@ def propagation(database: str, work: Path, args: argparse.Namespace) -> dict:
 
 
 def throughput(database: str, work: Path, replicas: int, model: Path | None, args: argparse.Namespace) -> dict:
-    """bench/load.py's mix through Serve's proxy in front of ``replicas`` replicas of one torch thread each."""
+    """bench/load.py's mix through Ray Serve's HAProxy front and router, in front of ``replicas`` replicas of one torch thread each."""
     serve = (
         "--store", database, "--replicas", str(replicas), "--cpus-per-replica", "1", "--torch-threads", "1",
         "--max-batch-size", str(args.max_batch_size), *(("--model", str(model)) if model else ()),
@@ -172,7 +172,7 @@ def throughput(database: str, work: Path, replicas: int, model: Path | None, arg
 def without_proxy(database: str, work: Path, processes: int, model: Path | None, args: argparse.Namespace) -> dict:
     """The same mix against ``processes`` plain ``spectra serve --store`` processes (one torch thread each) and no
     Ray: each client sticks to one process, and each process gets its own share of the adapters (perfect
-    affinity by construction). What this machine gives two replicas without the proxy's and ingress's hops."""
+    affinity by construction). What this machine gives two replicas without Ray (HAProxy, the router, Ray's own processes)."""
     serve = (
         "--store", database, "--torch-threads", "1", "--max-batch-size", str(args.max_batch_size),
         *(("--model", str(model)) if model else ()),

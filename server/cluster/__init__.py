@@ -1,19 +1,18 @@
 """N replicas of the Spectra app behind Ray Serve (``spectra serve --replicas N``; docs/deployment.md).
 
-Two deployments make one Serve application (``application.py``):
+Ray Serve runs in its HAProxy mode, the front Ray Serve LLM's direct streaming uses: HAProxy listens on
+``--host:--port`` and forwards each client connection to a replica's own HTTP port, so a streamed token
+leaves the replica once and crosses no Python hop on its way to the client. The application
+(``application.py``) is two deployments:
 
-* ``SpectraIngress`` (``ingress.py``) takes every HTTP request from Ray Serve's proxy. The proxy routes on
-  paths and headers only, never bodies, so adapter affinity needs a hop that reads the body: the ingress
-  reads it, takes the adapter id a generation asks for (``affinity.py``) and forwards the whole request to a
-  replica through a ``DeploymentHandle`` with ``multiplexed_model_id`` set to that id, streaming the answer
-  back chunk by chunk (SSE included). Ray's router then prefers a replica that already serves that adapter.
-  A custom ``RequestRouter`` was not used: it sees a request's metadata but not its body, so it would need
-  the same body-reading hop, and Ray's multiplexed routing already does "replicas holding the id first, then
-  the replicas holding fewest ids, then any".
-* ``SpectraReplica`` (``replica.py``) builds the same engine, file store, job manager and FastAPI app as a
-  single ``spectra serve`` (``server.main.build_service``) and runs forwarded requests through that app in
-  process (``asgi_bridge.py``), so every route behaves exactly as it does without Ray.
+* ``SpectraReplica`` (``replica.py``) is the ingress: it builds the same engine, file store, job manager and
+  FastAPI app as a single ``spectra serve`` (``server.main.build_service``), and Ray's direct-ingress server
+  runs that app in the replica (``replica_front.py`` adds the cluster-wide ``/health`` and the replica and
+  affinity headers), so every route behaves exactly as it does without Ray;
+* ``SpectraRouter`` (``router.py``) is the ingress request router HAProxy asks, with the request's body,
+  which replica a POST goes to: Ray's own request router picks one for the adapter the body names
+  (``affinity.py``) as the multiplexed model id, so an adapter's requests stay where it is resident.
 
-``launcher.py`` starts (or joins) the Ray cluster, runs the application on ``--host:--port`` and tears both
-down on SIGTERM/SIGINT.
+``launcher.py`` sets Ray's environment, starts (or joins) the Ray cluster, runs the application on
+``--host:--port`` and tears both down on SIGTERM/SIGINT.
 """

@@ -15,9 +15,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-# The routes whose bodies name an adapter to generate with (server/api/routes/generate.py and openai.py).
-GENERATION_PATHS = frozenset({"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"})
-
 
 def _first_of_blend(blend: Any) -> str | None:
     if isinstance(blend, dict):
@@ -25,9 +22,9 @@ def _first_of_blend(blend: Any) -> str | None:
     return None
 
 
-def adapter_key(path: str, body: bytes, base_model: str) -> str | None:
-    """The adapter id a generation request at ``path`` asks for, or None (base model, other route, bad JSON)."""
-    if path not in GENERATION_PATHS or not body:
+def adapter_key(body: bytes, base_model: str) -> str | None:
+    """The adapter id a request body asks for, or None (base model, not a JSON object)."""
+    if not body:
         return None
     try:
         payload = json.loads(body)

@@ -1,12 +1,13 @@
-"""The Serve application: one ``SpectraIngress`` in front of ``--replicas`` ``SpectraReplica``s.
+"""The Serve application: ``--replicas`` ``SpectraReplica``s, the ingress, with ``SpectraRouter`` beside them.
 
-Sizing, all derived from the settings so nothing is configured twice:
+In Ray Serve's HAProxy mode (``launcher.py``) the replicas serve HTTP themselves and the router only answers
+HAProxy's "which replica?" for each POST. Sizing, all derived from the settings so nothing is configured
+twice:
 
 * a replica takes ``max_ongoing_requests = --max-batch-size + --max-queue`` requests, what its engine holds
-  (rows decoding plus requests waiting for one) before it answers 429 itself; more would only queue inside
-  the replica where Ray cannot move them to a less busy one, fewer would leave batch rows idle;
-* the ingress takes the sum over replicas: it only relays, and reserves no CPU, so the cores go to the
-  replicas' torch threads;
+  (rows decoding plus requests waiting for one) before it answers 429 itself;
+* the router reserves no CPU, so the cores go to the replicas' torch threads; it holds a choice for well
+  under a millisecond, and takes as many at once as all replicas together hold requests;
 * a replica reserves ``--cpus-per-replica`` CPUs (0: the machine's cores / replicas), and its torch pool has
   that many threads unless ``--torch-threads`` says otherwise.
 
@@ -20,13 +21,18 @@ import os
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
-from server.cluster.ingress import SpectraIngress
 from server.cluster.replica import SpectraReplica
+from server.cluster.router import SpectraRouter
 from server.main import served_model_name
 from server.settings import ServerSettings
 
 APP_NAME = "spectra"
+# The app logs every request itself (server/api/access.py); Serve's own access log would say it twice, and
+# every line is CPU in the replica and in Ray's log monitor.
+SERVE_LOGGING = {"enable_access_log": False}
+ROUTING_POLICY = "server.cluster.routing_policy:BoundedAffinityRouter"
 
 
 def replica_cpus(settings: ServerSettings) -> float:
@@ -44,10 +50,14 @@ def build_application(settings: ServerSettings) -> Application:
         num_replicas=replicas,
         max_ongoing_requests=replica_capacity(settings),
         ray_actor_options={"num_cpus": replica_cpus(settings)},
+        logging_config=SERVE_LOGGING,
+        request_router_config=RequestRouterConfig(request_router_class=ROUTING_POLICY),
     ).bind(settings)
-    return SpectraIngress.options(
-        max_ongoing_requests=replicas * replica_capacity(settings), ray_actor_options={"num_cpus": 0}
+    router = SpectraRouter.options(
+        max_ongoing_requests=replicas * replica_capacity(settings), logging_config=SERVE_LOGGING
     ).bind(replica, served_model_name(settings))
+    # Ray's hook for an ingress request router (the one Ray Serve LLM's direct streaming uses).
+    return replica._with_ingress_request_router(router)
 
 
 def build(args: dict[str, Any]) -> Application:

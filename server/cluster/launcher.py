@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import socket
+import tempfile
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 
-import ray
-from ray import serve
-
-from server.cluster.application import APP_NAME, build_application
 from server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -28,26 +28,46 @@ LOOPBACK = "127.0.0.1"
 
 
 # Read by every Ray process at start. No usage statistics are sent anywhere (CI and these machines have no
-# internet). The rest is Ray Serve's own throughput profile (RAY_SERVE_THROUGHPUT_OPTIMIZED) without its direct
-# ingress, which would open an HTTP port per replica: user code on the replica's event loop instead of a thread
-# of its own, the router on the caller's loop, and requests between deployments over gRPC rather than actor
-# calls. Each streamed token crosses two deployments (replica -> ingress -> proxy), and on a 2-core machine
-# those hops cost as much CPU as the replicas (docs/benchmarks.md, "Scale-out").
+# internet). The rest puts Ray Serve's HAProxy in front instead of its Python proxy: replicas serve HTTP on ports
+# of their own (direct ingress), HAProxy forwards each client connection to one, and for a POST it first asks
+# SpectraRouter which, sending it the body. A streamed token then crosses one C hop instead of two Python ones
+# (proxy <- ingress <- replica), which on a 2-core machine cost as much CPU as the replicas did
+# (docs/benchmarks.md, "Scale-out"). User code runs on the replica's event loop, without a thread of its own.
 RAY_ENVIRONMENT = {
     "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
 }
 
 
-def _start_ray(settings: ServerSettings) -> None:
-    for name, value in RAY_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
-    if settings.ray_address is not None:
-        ray.init(address=settings.ray_address, configure_logging=False)
-        return
-    ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, configure_logging=False)
+def _haproxy_environment(files: Path) -> dict[str, str]:
+    """HAProxy's files in a directory of this launch's own (its defaults, under /tmp/haproxy-serve, would be
+    shared by every cluster on the machine), and free ports for what Ray would put on fixed ones, which would
+    collide between clusters: HAProxy's Prometheus exporter and stats page (both on all interfaces), and the
+    fallback Serve proxy HAProxy sends a request to when its router named a replica it does not know yet."""
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(files / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(files / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(files),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(files / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(files / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def _stopped_by_signal() -> threading.Event:
@@ -64,7 +84,27 @@ def _stopped_by_signal() -> threading.Event:
 
 def serve_replicas(settings: ServerSettings) -> None:
     started = time.monotonic()
-    _start_ray(settings)
+    # Short and under /tmp: HAProxy adds a 40-character directory and allows its socket paths 97 bytes.
+    haproxy_files = Path(tempfile.mkdtemp(prefix="spx-", dir="/tmp"))
+    for name, value in {**RAY_ENVIRONMENT, **_haproxy_environment(haproxy_files)}.items():
+        os.environ.setdefault(name, value)
+    try:
+        _run(settings, started)
+    finally:
+        shutil.rmtree(haproxy_files, ignore_errors=True)
+
+
+def _run(settings: ServerSettings, started: float) -> None:
+    # Ray Serve reads the environment set above once, when it is first imported: hence imports here.
+    import ray
+    from ray import serve
+
+    from server.cluster.application import APP_NAME, build_application
+
+    if settings.ray_address is not None:
+        ray.init(address=settings.ray_address, configure_logging=False)
+    else:
+        ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, configure_logging=False)
     # After ray.init, which installs a SIGTERM handler of its own that would exit without draining.
     stop = _stopped_by_signal()
     try:

@@ -1,4 +1,4 @@
-"""``SpectraReplica``: one engine and its app inside a Ray Serve replica.
+"""``SpectraReplica``: one engine and its app inside a Ray Serve replica, serving HTTP on a port of its own.
 
 It builds exactly what ``spectra serve`` builds (``server.main.build_service``), with two differences:
 torch's thread pool follows the CPUs Ray assigned the replica (``--cpus-per-replica``) rather than the
@@ -6,12 +6,19 @@ machine's cores, since several replicas share a machine; and its ``--data-dir`` 
 rank, because training files and jobs are per process (docs/store.md) while adapters live in the shared
 ``--store``. A replica replacing a dead one gets the dead one's rank, hence its files and jobs.
 
-Ray calls ``check_health`` every ``HEALTH_CHECK_PERIOD_S``; when the engine thread has died it raises, and
-Ray stops the replica and starts a new one.
+It is the application's ingress in Ray Serve's direct-ingress mode: Ray starts an HTTP server in the replica
+for the app ``__serve_build_asgi_app__`` returns, and HAProxy (``launcher.py``) forwards clients' connections
+to it, to the replica ``SpectraRouter`` picked for a POST, balanced for anything else. So every route
+(uploads, SSE, auth, errors) is the one ``spectra serve`` runs, and a streamed token leaves the replica once.
 
-Affinity: each forwarded request carries the adapter id the ingress read from its body as the multiplexed
-model id. ``_route_adapter``, Ray's ``@serve.multiplexed`` loader, records it in the replica's multiplexed set,
-which Ray reports to every router; requests for ids in the set go to this replica first. The set is a routing
+Ray calls ``check_health`` every ``HEALTH_CHECK_PERIOD_S``; when the engine thread has died it raises, and
+Ray stops the replica and starts a new one. ``/health`` is 200 only when every replica is running and healthy
+(``serve.status()``: the deployment is HEALTHY with no replica starting, stopping or recovering) and this
+replica's engine is ready, so a load balancer in front waits out a replacement.
+
+Affinity: a request the router sent here for an adapter carries that id as the multiplexed model id.
+``_route_adapter``, Ray's ``@serve.multiplexed`` loader, records it in the replica's multiplexed set, which
+Ray reports to the routers; requests for ids in the set come to this replica first. The set is a routing
 hint only: the engine's own bank (``--adapter-memory``, LRU) decides residency, and an id Ray still lists after
 the bank evicted it costs one reload from the store. Responses say which replica answered and whether the id
 was already in its set (``x-spectra-replica``, ``x-spectra-affinity: hit|miss``), so a benchmark can measure
@@ -21,14 +28,13 @@ the hit rate.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 
 import ray
 import torch
 from ray import serve
 
 from server.cluster.affinity import record_miss, start_probe
-from server.cluster.asgi_bridge import ForwardedRequest, ResponseStart, run_asgi
+from server.cluster.replica_front import ReplicaFront
 from server.logging_setup import configure_logging
 from server.main import Service, build_service, checked_keys
 from server.settings import ServerSettings
@@ -42,8 +48,6 @@ HEALTH_CHECK_PERIOD_S = 5.0
 HEALTH_CHECK_TIMEOUT_S = 10.0
 # In-flight requests a stopping replica finishes before Ray kills it; short, so SIGTERM stops the server quickly.
 GRACEFUL_SHUTDOWN_S = 10.0
-REPLICA_HEADER = b"x-spectra-replica"
-AFFINITY_HEADER = b"x-spectra-affinity"
 
 
 class EngineNotReadyError(RuntimeError):
@@ -60,6 +64,7 @@ def assigned_cpus() -> int:
     health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
     graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
 )
+@serve.ingress()
 class SpectraReplica:
     def __init__(self, settings: ServerSettings) -> None:
         configure_logging(settings.log_level, settings.log_format)
@@ -88,18 +93,9 @@ class SpectraReplica:
         await self._route_adapter(adapter_id)
         return b"hit" if probe.hit else b"miss"
 
-    async def handle(self, request: ForwardedRequest) -> AsyncIterator[ResponseStart | bytes]:
-        affinity = await self._affinity()
-        async for part in run_asgi(self._service.app, request):
-            if isinstance(part, ResponseStart):
-                extra = [(REPLICA_HEADER, self._replica_id.encode())]
-                if affinity is not None:
-                    extra.append((AFFINITY_HEADER, affinity))
-                part = ResponseStart(part.status, part.headers + extra)
-            yield part
-
-    def ready(self) -> bool:
-        return self._service.engine.is_ready()
+    async def __serve_build_asgi_app__(self) -> ReplicaFront:
+        """The app Ray's direct-ingress HTTP server runs, called once after ``__init__``."""
+        return ReplicaFront(self._service.app, self._replica_id, self._affinity)
 
     def check_health(self) -> None:
         if not self._service.engine.is_ready():
