@@ -131,7 +131,8 @@ def propagation(database: str, work: Path, args: argparse.Namespace) -> dict:
 
 
 def throughput(database: str, work: Path, replicas: int, model: Path | None, args: argparse.Namespace) -> dict:
-    """bench/load.py's mix through Ray Serve's HAProxy front and router, in front of ``replicas`` replicas of one torch thread each."""
+    """bench/load.py's mix through Ray Serve's HAProxy front and router to ``replicas`` replicas (one torch thread
+    each)."""
     serve = (
         "--store", database, "--replicas", str(replicas), "--cpus-per-replica", "1", "--torch-threads", "1",
         "--max-batch-size", str(args.max_batch_size), *(("--model", str(model)) if model else ()),
@@ -172,7 +173,8 @@ def throughput(database: str, work: Path, replicas: int, model: Path | None, arg
 def without_proxy(database: str, work: Path, processes: int, model: Path | None, args: argparse.Namespace) -> dict:
     """The same mix against ``processes`` plain ``spectra serve --store`` processes (one torch thread each) and no
     Ray: each client sticks to one process, and each process gets its own share of the adapters (perfect
-    affinity by construction). What this machine gives two replicas without Ray (HAProxy, the router, Ray's own processes)."""
+    affinity by construction). What this machine gives two replicas without Ray (HAProxy, the router, Ray's own
+    processes)."""
     serve = (
         "--store", database, "--torch-threads", "1", "--max-batch-size", str(args.max_batch_size),
         *(("--model", str(model)) if model else ()),

@@ -46,7 +46,7 @@ class ServerSettings(BaseSettings):
     replicas: int | None = Field(
         None,
         ge=1,
-        description="run N replicas behind Ray Serve's HTTP proxy on --host:--port, routed by adapter "
+        description="run N replicas behind Ray Serve's HAProxy front on --host:--port, routed by adapter "
         "(docs/deployment.md); needs --store; unset: one process",
         json_schema_extra={"metavar": "N"},
     )

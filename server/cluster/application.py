@@ -4,10 +4,12 @@ In Ray Serve's HAProxy mode (``launcher.py``) the replicas serve HTTP themselves
 HAProxy's "which replica?" for each POST. Sizing, all derived from the settings so nothing is configured
 twice:
 
-* a replica takes ``max_ongoing_requests = --max-batch-size + --max-queue`` requests, what its engine holds
-  (rows decoding plus requests waiting for one) before it answers 429 itself;
-* the router reserves no CPU, so the cores go to the replicas' torch threads; it holds a choice for well
-  under a millisecond, and takes as many at once as all replicas together hold requests;
+* a replica takes ``max_ongoing_requests = --max-batch-size + --max-queue`` requests into its app at once, what
+  its engine holds (rows decoding plus requests waiting for one); the routing policy passes over a replica at
+  that count while another is below it, and further requests wait in Ray's queue of the replica;
+* the router reserves no CPU, so the cores go to the replicas' torch threads; a choice takes it one queue-length
+  probe per replica it looks at (``routing_policy.py``), and it takes as many at once as all replicas together
+  hold requests;
 * a replica reserves ``--cpus-per-replica`` CPUs (0: the machine's cores / replicas), and its torch pool has
   that many threads unless ``--torch-threads`` says otherwise.
 

@@ -1,9 +1,9 @@
-"""``spectra serve --replicas N``: a Ray cluster, Serve's HTTP proxy on ``--host:--port``, the application.
+"""``spectra serve --replicas N``: a Ray cluster, Serve's HAProxy front on ``--host:--port``, the application.
 
 Without ``--ray-address`` the launcher starts a Ray head node of its own, bound to 127.0.0.1 (no dashboard, no
 usage reporting), whose processes are children of this one; it is stopped with the server, so SIGTERM or
 Ctrl-C leaves nothing running. With ``--ray-address`` it joins that cluster, and on exit deletes only its
-application, leaving the cluster and Serve's proxy to their owner. ``RAY_TMPDIR`` moves Ray's session files
+application, leaving the cluster and Serve's HAProxy to their owner. ``RAY_TMPDIR`` moves Ray's session files
 (sockets, logs) out of /tmp/ray, e.g. for clusters started side by side.
 """
 

@@ -29,7 +29,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 logger = logging.getLogger(__name__)
 
-AFFINITY_SLACK = 2
+AFFINITY_SLACK = 4
 PROBE_DEADLINE_S = 0.1
 # Replicas without the adapter probed per request, besides every replica holding it.
 SAMPLED_REPLICAS = 2
