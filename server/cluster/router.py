@@ -15,8 +15,6 @@ validates, the replica's app answers any 4xx. GETs and DELETEs do not come here:
 
 # No ``from __future__ import annotations``: FastAPI must see ``Request`` itself in the route's signature, and
 # Ray rebuilds the class-based route where the module's names are not in reach of a string annotation.
-import logging
-
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel
 from ray import serve
@@ -25,8 +23,6 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from server.cluster.affinity import adapter_key
-
-logger = logging.getLogger(__name__)
 
 router_api = FastAPI()
 
@@ -55,6 +51,7 @@ class SpectraRouter:
         try:
             # Without a reservation: the request itself goes through HAProxy, not through this handle.
             async with handle.choose_replica(_reserve=False) as selection:
+                # The chosen replica's HTTP endpoint is only on Ray's replica object (Ray Serve LLM reads it so).
                 replica = selection._replica
                 endpoint = replica.backend_http_endpoint
                 replica_id = replica.replica_id.to_full_id_str()
