@@ -289,6 +289,7 @@ def test_async_client(server: Server, train_path: Path) -> None:
             items = [item async for item in client.follow_job(job.id, poll_interval=POLL_S)]
             *events, finished = items
             assert isinstance(finished, FineTuningJob) and finished.status == "succeeded"
+            assert finished.replica is None  # no trainer once finished, however soon after it the lease is freed
             assert [event.data["step"] for event in events if event.type == "metrics" and event.data] == list(
                 range(1, 7)
             )

@@ -81,7 +81,8 @@ def job_object(job: JobRecord) -> FineTuningJob:
         adapter_id=job.adapter_id,
         step=job.step,
         total_steps=job.hyperparameters["total_steps"] if job.hyperparameters else None,
-        replica=job.owner,
+        # A finished job has no trainer; its lease row is released only just after the final status is stored.
+        replica=None if job.terminal else job.owner,
     )
 
 

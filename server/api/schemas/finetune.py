@@ -160,7 +160,8 @@ class FineTuningJob(BaseModel):
     step: int
     total_steps: int | None
     replica: str | None = Field(
-        None, description="the replica training the job (holding its lease, /info's fine_tuning.replica)"
+        None,
+        description="the replica training the job (holding its lease, /info's fine_tuning.replica); null once finished",
     )
 
 
