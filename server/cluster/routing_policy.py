@@ -40,21 +40,24 @@ class BoundedAffinityRouter(RequestRouter):
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         adapter = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
-        holders = [replica for replica in candidate_replicas if adapter and adapter in replica.multiplexed_model_ids]
-        others = [replica for replica in candidate_replicas if replica not in holders]
-        probed = holders + random.sample(others, min(SAMPLED_REPLICAS, len(others)))
-        loads = await self._queue_lengths(probed)
+        holders, others = [], []
+        for replica in candidate_replicas:
+            (holders if adapter and adapter in replica.multiplexed_model_ids else others).append(replica)
+        loads = await self._queue_lengths(holders + random.sample(others, min(SAMPLED_REPLICAS, len(others))))
         if not loads:
             return [random.sample(candidate_replicas, len(candidate_replicas))]
-        open_loads = {replica: load for replica, load in loads.items() if load < replica.max_ongoing_requests}
-        ranked = sorted(open_loads or loads, key=lambda replica: (loads[replica], random.random()))
+        full = {replica for replica, load in loads.items() if load >= replica.max_ongoing_requests}
+        if len(full) == len(loads):
+            full = set()
+        ranked = sorted(loads.keys() - full, key=lambda replica: (loads[replica], random.random()))
         least = loads[ranked[0]]
-        holder = next((replica for replica in ranked if replica in holders), None)
+        held = set(holders)
+        holder = next((replica for replica in ranked if replica in held), None)
         if holder is not None and loads[holder] <= least + AFFINITY_SLACK:
             ranked.remove(holder)
             ranked.insert(0, holder)
         unprobed = [replica for replica in candidate_replicas if replica not in loads]
-        return [ranked, [replica for replica in loads if replica not in ranked], unprobed]
+        return [ranked, list(full), unprobed]
 
     @staticmethod
     async def _queue_lengths(replicas: list[RunningReplica]) -> dict[RunningReplica, int]:
