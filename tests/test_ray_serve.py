@@ -81,7 +81,7 @@ def cluster(tiny_llama_dir: Path, postgres_url: str, tmp_path_factory, ray_tmpdi
         str(REPLICAS),
         env={"RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0"},
     )
-    print(f"2 replicas healthy through the proxy in {time.monotonic() - started:.1f}s")  # noqa: T201
+    print(f"2 replicas healthy through HAProxy in {time.monotonic() - started:.1f}s")  # noqa: T201
     try:
         yield server
     finally:
